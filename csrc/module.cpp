@@ -1,0 +1,78 @@
+// The Python module fusedopt._C: loading it registers the ops (static initialisers in the
+// other translation units); this file only reports how the extension was built.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <tuple>
+
+#include "update_rules.h"
+#include "work_list.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict columns(std::initializer_list<std::pair<const char*, int>> cols) {
+  py::dict d;
+  for (const auto& c : cols) d[c.first] = c.second;
+  return d;
+}
+
+bool cpu_supports_build_isa() {
+#if defined(FUSEDOPT_CPU_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return true;
+#endif
+}
+
+// The shared work list as plain lists, so tests check the chunking and balancing that the
+// CPU and CUDA kernels both rely on: ([(tensor, begin, end), ...], part bounds).
+std::tuple<std::vector<std::tuple<int64_t, int64_t, int64_t>>, std::vector<int64_t>> work_list(
+    const std::vector<int64_t>& numels, int64_t chunk_elems, int64_t parts) {
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+  std::vector<fusedopt::WorkChunk> chunks;
+  try {
+    chunks = fusedopt::build_work_list(numels, chunk_elems);
+    auto bounds = fusedopt::balance_work(chunks, parts);
+    for (const auto& c : chunks) out.emplace_back(c.tensor, c.begin, c.end);
+    return {out, bounds};
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  using namespace fusedopt;
+  m.doc() = "fusedopt compiled ops (registered as torch.ops.fusedopt.*)";
+#ifdef FUSEDOPT_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+#ifdef FUSEDOPT_CPU_AVX2
+  m.attr("CPU_ISA") = "avx2";
+#else
+  m.attr("CPU_ISA") = "default";
+#endif
+  m.def("work_list", &work_list, py::arg("numels"), py::arg("chunk_elems"), py::arg("parts"),
+        "The fused step's work list: chunks of at most chunk_elems elements per tensor, and "
+        "the bounds that split them into `parts` ranges of nearly equal element count.");
+  m.def("cpu_supports_build_isa", &cpu_supports_build_isa,
+        "Whether this CPU runs the instruction set the CPU kernels were compiled for.");
+  m.attr("ADAM_COLUMNS") = columns({{"lr", adam_col::lr}, {"beta1", adam_col::beta1},
+                                    {"beta2", adam_col::beta2}, {"eps", adam_col::eps},
+                                    {"weight_decay", adam_col::weight_decay},
+                                    {"amsgrad", adam_col::amsgrad}, {"maximize", adam_col::maximize},
+                                    {"decoupled", adam_col::decoupled},
+                                    {"lr_index", adam_col::lr_index}});
+  m.attr("SGD_COLUMNS") = columns({{"lr", sgd_col::lr}, {"momentum", sgd_col::momentum},
+                                   {"dampening", sgd_col::dampening},
+                                   {"weight_decay", sgd_col::weight_decay},
+                                   {"nesterov", sgd_col::nesterov}, {"maximize", sgd_col::maximize},
+                                   {"lr_index", sgd_col::lr_index}});
+}

@@ -1,0 +1,27 @@
+// The op schemas, declared once; each backend registers its kernels with
+// TORCH_LIBRARY_IMPL(fusedopt, CPU|CUDA, m) and the dispatcher routes by device.
+#include <torch/library.h>
+
+namespace fusedopt {
+
+TORCH_LIBRARY(fusedopt, m) {
+  // One call updates every tensor of every param group on one device. Lists are ordered
+  // group by group; group_sizes[g] tensors belong to group g, whose hyperparameters are row
+  // g of `hyper` (float64, CPU; columns in fusedopt._C.ADAM_COLUMNS / SGD_COLUMNS). A group
+  // whose lr is a device tensor names it through its lr_index column into lr_tensors.
+  // With grad_scale the grads are unscaled in place; a nonzero found_inf skips the step
+  // and leaves every tensor, step counters included, untouched.
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
+      "int[] group_sizes, Tensor hyper, Tensor[] lr_tensors, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  // momentum_buffers holds the buffers of the groups with momentum != 0 only; the params
+  // named in fresh_buffers have a buffer never written yet, which takes the gradient itself.
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "int[] group_sizes, Tensor hyper, Tensor[] lr_tensors, int[] fresh_buffers, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+}  // namespace fusedopt

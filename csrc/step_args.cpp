@@ -1,0 +1,221 @@
+#include "step_args.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "update_rules.h"
+
+namespace fusedopt {
+namespace {
+
+Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Elem::f32;
+    case at::kDouble: return Elem::f64;
+    case at::kHalf: return Elem::f16;
+    case at::kBFloat16: return Elem::bf16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
+                       "; fusedopt supports float32, float64, float16 and bfloat16 params",
+                       t.is_complex() ? " (complex params are passed as real views by the "
+                                        "optimizer classes)" : "");
+  }
+  return Elem::f32;
+}
+
+// A companion of params[i] (its grad or a state tensor) must match it exactly in dtype,
+// shape, device and memory layout, since the kernels walk all of them with one index.
+void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tensor& t,
+                    const at::Tensor& param) {
+  TORCH_CHECK(t.defined(), op, ": ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] is sparse (layout ",
+              t.layout(), "); fusedopt does not support sparse gradients, please consider "
+              "SparseAdam instead");
+  TORCH_CHECK(t.device() == param.device(), op, ": ", what, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", param.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), op, ": ", what, "[", i,
+                   "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
+                   param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", param.sizes());
+  const bool same_layout = (t.is_contiguous() && param.is_contiguous()) ||
+                           t.strides() == param.strides() || t.numel() <= 1;
+  TORCH_CHECK(same_layout, op, ": ", what, "[", i,
+              "] has strides ", t.strides(), " but params[", i, "] has strides ",
+              param.strides(), "; fusedopt needs a gradient and state laid out like the "
+              "param (call .contiguous() on both)");
+  return t.data_ptr();
+}
+
+void check_param(const char* op, int64_t i, const at::Tensor& p) {
+  TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+  TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] is not a dense tensor");
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] of shape ", p.sizes(),
+              " and strides ", p.strides(), " is a view with gaps or overlaps; fusedopt "
+              "updates dense tensors only (make the parameter contiguous)");
+}
+
+// Maps tensor i of the step to its param group through the group sizes.
+std::vector<int32_t> groups_of(const char* op, c10::IntArrayRef group_sizes, int64_t n) {
+  std::vector<int32_t> group(static_cast<size_t>(n));
+  int64_t i = 0;
+  for (size_t g = 0; g < group_sizes.size(); ++g) {
+    TORCH_CHECK(group_sizes[g] >= 0, op, ": group_sizes[", g, "] is negative");
+    TORCH_CHECK(i + group_sizes[g] <= n, op, ": group_sizes add up to more than the ", n,
+                " params given");
+    for (int64_t k = 0; k < group_sizes[g]; ++k) group[static_cast<size_t>(i++)] = static_cast<int32_t>(g);
+  }
+  TORCH_CHECK(i == n, op, ": group_sizes add up to ", i, " but ", n, " params were given");
+  return group;
+}
+
+void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t cols,
+                StepArgs& out) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2,
+              op, ": hyper must be a 2-D float64 CPU tensor, got ", hyper.scalar_type(), " of ",
+              hyper.dim(), " dims on ", hyper.device());
+  TORCH_CHECK(hyper.size(0) == groups && hyper.size(1) == cols, op, ": hyper has shape ",
+              hyper.sizes(), " but ", groups, " groups of ", cols, " columns were expected");
+  const at::Tensor h = hyper.contiguous();
+  const double* data = h.data_ptr<double>();
+  out.hyper.assign(data, data + groups * cols);
+  out.num_groups = groups;
+  out.num_cols = cols;
+}
+
+// Resolves the lr column of each group: a float, or an index into lr_tensors. A CPU lr
+// tensor is read here; a device lr tensor stays for the kernel (the column keeps its index).
+void resolve_lrs(const char* op, StepArgs& out, int lr_col, int index_col,
+                 at::TensorList lr_tensors) {
+  for (int64_t g = 0; g < out.num_groups; ++g) {
+    const double idx = out.at(g, index_col);
+    if (idx < 0) continue;
+    const auto k = static_cast<int64_t>(idx);
+    TORCH_CHECK(k < static_cast<int64_t>(lr_tensors.size()), op, ": group ", g,
+                " refers to lr_tensors[", k, "] but only ", lr_tensors.size(), " were given");
+    check_scalar_tensor(op, "lr", lr_tensors[k], out.device);
+    if (lr_tensors[k].device().is_cpu()) {
+      out.hyper[g * out.num_cols + lr_col] = lr_tensors[k].item<double>();
+      out.hyper[g * out.num_cols + index_col] = -1.0;
+    }
+  }
+}
+
+}  // namespace
+
+void check_scalar_tensor(const char* op, const char* what, const at::Tensor& t,
+                         c10::Device device) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", what, " must have exactly one element, got ", t.numel());
+  TORCH_CHECK(t.device().is_cpu() || t.device() == device, op, ": ", what, " is on ", t.device(),
+              " but the params are on ", device);
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", what,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                           c10::IntArrayRef group_sizes, const at::Tensor& hyper,
+                           at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  exp_avg_sqs.size() == params.size() && state_steps.size() == params.size(),
+              op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same "
+              "length, got ", params.size(), ", ", grads.size(), ", ", exp_avgs.size(), ", ",
+              exp_avg_sqs.size(), " and ", state_steps.size());
+  StepArgs out;
+  read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), adam_col::count, out);
+  const std::vector<int32_t> group = groups_of(op, group_sizes, n);
+  if (n > 0) out.device = params[0].device();
+  out.tensors.resize(static_cast<size_t>(n));
+  size_t next_max = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_param(op, i, p);
+    TORCH_CHECK(p.device() == out.device, op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", out.device, "; call the op once per device");
+    TensorSlot& s = out.tensors[static_cast<size_t>(i)];
+    s.param = p.data_ptr();
+    s.grad = companion_ptr(op, "grads", i, grads[i], p);
+    s.state0 = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p);
+    s.state1 = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p);
+    s.numel = p.numel();
+    s.group = group[static_cast<size_t>(i)];
+    s.dtype = elem_of(op, "params", i, p);
+    if (out.at(s.group, adam_col::amsgrad) != 0.0) {
+      TORCH_CHECK(next_max < max_exp_avg_sqs.size(), op, ": params[", i, "] is in an amsgrad "
+                  "group but max_exp_avg_sqs has only ", max_exp_avg_sqs.size(), " tensors");
+      s.state2 = companion_ptr(op, "max_exp_avg_sqs", static_cast<int64_t>(next_max),
+                               max_exp_avg_sqs[next_max], p);
+      ++next_max;
+    }
+    const at::Tensor& st = state_steps[i];
+    TORCH_CHECK(st.numel() == 1, op, ": state_steps[", i, "] must have one element, got ",
+                st.numel());
+    TORCH_CHECK(st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble, op,
+                ": state_steps[", i, "] must be float32 or float64, got ", st.scalar_type());
+    TORCH_CHECK(st.device() == out.device, op, ": state_steps[", i, "] is on ", st.device(),
+                " but params[", i, "] is on ", out.device);
+    s.step = st.data_ptr();
+    s.step_is_double = st.scalar_type() == at::kDouble;
+  }
+  TORCH_CHECK(next_max == max_exp_avg_sqs.size(), op, ": max_exp_avg_sqs has ",
+              max_exp_avg_sqs.size(), " tensors but the amsgrad groups hold ", next_max, " params");
+  resolve_lrs(op, out, adam_col::lr, adam_col::lr_index, lr_tensors);
+  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+  return out;
+}
+
+StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList grads,
+                          at::TensorList momentum_buffers, c10::IntArrayRef group_sizes,
+                          const at::Tensor& hyper, at::TensorList lr_tensors,
+                          c10::IntArrayRef fresh_buffers,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size(), op, ": params and grads must have the same "
+              "length, got ", params.size(), " and ", grads.size());
+  StepArgs out;
+  read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), sgd_col::count, out);
+  const std::vector<int32_t> group = groups_of(op, group_sizes, n);
+  if (n > 0) out.device = params[0].device();
+  out.tensors.resize(static_cast<size_t>(n));
+  size_t next_buf = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_param(op, i, p);
+    TORCH_CHECK(p.device() == out.device, op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", out.device, "; call the op once per device");
+    TensorSlot& s = out.tensors[static_cast<size_t>(i)];
+    s.param = p.data_ptr();
+    s.grad = companion_ptr(op, "grads", i, grads[i], p);
+    s.numel = p.numel();
+    s.group = group[static_cast<size_t>(i)];
+    s.dtype = elem_of(op, "params", i, p);
+    if (out.at(s.group, sgd_col::momentum) != 0.0) {
+      TORCH_CHECK(next_buf < momentum_buffers.size(), op, ": params[", i, "] is in a group "
+                  "with momentum but momentum_buffers has only ", momentum_buffers.size(),
+                  " tensors");
+      s.state0 = companion_ptr(op, "momentum_buffers", static_cast<int64_t>(next_buf),
+                               momentum_buffers[next_buf], p);
+      ++next_buf;
+    }
+  }
+  TORCH_CHECK(next_buf == momentum_buffers.size(), op, ": momentum_buffers has ",
+              momentum_buffers.size(), " tensors but the groups with momentum hold ", next_buf,
+              " params");
+  for (const int64_t k : fresh_buffers) {
+    TORCH_CHECK(k >= 0 && k < n && out.tensors[static_cast<size_t>(k)].state0 != nullptr, op,
+                ": fresh_buffers names params[", k, "], which has no momentum buffer");
+    out.tensors[static_cast<size_t>(k)].fresh = true;
+  }
+  resolve_lrs(op, out, sgd_col::lr, sgd_col::lr_index, lr_tensors);
+  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+  return out;
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,13 @@
+"""fusedopt: drop-in torch.optim SGD / Adam / AdamW whose whole step is one fused kernel call per device.
+
+Importing fusedopt never crashes for lack of the compiled extension: it warns and says how to build it.
+The optimizers raise the same explanation when they are used without it.
+"""
+
+__version__ = "0.1.0"
+
+from fusedopt._extension import extension_available, extension_error  # noqa: F401
+from fusedopt.optim import SGD, Adam, AdamW  # noqa: F401
+from fusedopt import lr_scheduler  # noqa: F401
+
+__all__ = ["SGD", "Adam", "AdamW", "lr_scheduler", "extension_available", "extension_error", "__version__"]

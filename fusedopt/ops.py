@@ -1,0 +1,148 @@
+"""The fused ops (``torch.ops.fusedopt.adam_`` / ``sgd_``), their fake implementations, and the
+functional forms ``fusedopt.ops.adam`` / ``fusedopt.ops.sgd`` in the style of
+``torch.optim.adam.adam``: one param group, lists of tensors, one op call per device.
+
+The ops are declared in C++ (``csrc/ops.cpp``) and implemented per backend; the dispatcher picks
+the CPU or CUDA kernel from the tensors' device, so nothing here branches on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusedopt._extension import _C, extension_available, require
+
+if extension_available():
+    ADAM_COLUMNS: dict[str, int] = dict(_C.ADAM_COLUMNS)
+    SGD_COLUMNS: dict[str, int] = dict(_C.SGD_COLUMNS)
+
+    # The ops only mutate their inputs in place and return nothing, so their fake (meta)
+    # implementations have nothing to compute: they let torch.compile and FakeTensor trace
+    # optimizer.step().
+    @torch.library.register_fake("fusedopt::adam_")
+    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                   group_sizes, hyper, lr_tensors, grad_scale=None, found_inf=None) -> None:
+        return None
+
+    @torch.library.register_fake("fusedopt::sgd_")
+    def _sgd_fake(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors,
+                  fresh_buffers, grad_scale=None, found_inf=None) -> None:
+        return None
+else:
+    ADAM_COLUMNS = {}
+    SGD_COLUMNS = {}
+
+
+def hyper_table(rows: Sequence[dict[str, float]], columns: dict[str, int]) -> Tensor:
+    """The ops' float64 CPU table of per-group hyperparameters: one row per group."""
+    table = [[0.0] * len(columns) for _ in rows]
+    for r, row in enumerate(rows):
+        for name, value in row.items():
+            table[r][columns[name]] = float(value)
+    return torch.tensor(table, dtype=torch.float64)
+
+
+def _by_device(params: Sequence[Tensor]) -> dict[torch.device, list[int]]:
+    out: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        out.setdefault(p.device, []).append(i)
+    return out
+
+
+def _amp_for(t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None or t.device == device or t.device.type == "cpu":
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def _lr_entry(lr: float | Tensor, device: torch.device, lr_tensors: list[Tensor]) -> tuple[float, int]:
+    """(lr value, lr_index): a device tensor lr is read by the kernel, anything else here."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.device == device and device.type != "cpu":
+            lr_tensors.append(lr)
+            return 0.0, len(lr_tensors) - 1
+        return float(lr), -1
+    return float(lr), -1
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Functional Adam/AdamW over one param group, fused: one op call per device.
+
+    Same arguments as ``torch.optim.adam.adam`` (without foreach/fused/capturable, which do not
+    apply). ``state_steps`` are incremented in place; with ``found_inf`` nonzero nothing changes.
+    """
+    require()
+    for dev, idx in _by_device(params).items():
+        lr_tensors: list[Tensor] = []
+        lr_value, lr_index = _lr_entry(lr, dev, lr_tensors)
+        row = dict(lr=lr_value, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                   weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
+                   decoupled=decoupled_weight_decay, lr_index=lr_index)
+        torch.ops.fusedopt.adam_(
+            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
+            [state_steps[i] for i in idx], [len(idx)], hyper_table([row], ADAM_COLUMNS),
+            lr_tensors, _amp_for(grad_scale, dev), _amp_for(found_inf, dev))
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Functional SGD over one param group, fused: one op call per device.
+
+    Like ``torch.optim.sgd.sgd``: a ``None`` entry of ``momentum_buffer_list`` gets a new buffer
+    (initialised with the gradient, as torch does) written back into the list.
+    """
+    require()
+    for dev, idx in _by_device(params).items():
+        lr_tensors: list[Tensor] = []
+        lr_value, lr_index = _lr_entry(lr, dev, lr_tensors)
+        row = dict(lr=lr_value, momentum=float(momentum), dampening=float(dampening),
+                   weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize,
+                   lr_index=lr_index)
+        bufs: list[Tensor] = []
+        fresh: list[int] = []
+        if momentum != 0:
+            for k, i in enumerate(idx):
+                if momentum_buffer_list[i] is None:
+                    momentum_buffer_list[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+                    fresh.append(k)
+                bufs.append(momentum_buffer_list[i])
+        torch.ops.fusedopt.sgd_(
+            [params[i] for i in idx], [grads[i] for i in idx], bufs, [len(idx)],
+            hyper_table([row], SGD_COLUMNS), lr_tensors, fresh, _amp_for(grad_scale, dev),
+            _amp_for(found_inf, dev))

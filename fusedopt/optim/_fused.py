@@ -1,0 +1,180 @@
+"""The fused step shared by fusedopt's optimizers.
+
+A step gathers, per device, every param that has a gradient across all param groups into one
+op call (``torch.ops.fusedopt.*``). Walking thousands of params in Python every step would cost
+more than the update itself, so the walk happens once into a cached *plan* (params, their state
+dicts, group sizes) that is rebuilt only when its structure changes: groups added or resized,
+the state replaced (``load_state_dict``), a structural hyperparameter flipped (``amsgrad``,
+``momentum`` on/off), or the set of params with a gradient changing. Each step still re-reads
+the gradients, the state tensors and every hyperparameter, so edits to ``param_groups`` or to
+state entries take effect at the next step.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from fusedopt._extension import require
+
+_is_none = partial(operator.is_, None)
+_INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)\]")
+
+
+class _Batch:
+    """What one op call on one device needs, ordered group by group."""
+
+    __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra")
+
+    def __init__(self, device: torch.device, num_groups: int):
+        self.device = device
+        self.params: list[Tensor] = []
+        self.states: list[dict] = []
+        self.group_sizes = [0] * num_groups
+        self.origin: list[tuple[int, int]] = []  # (group index, index in group['params'])
+        self.complex_idx: list[int] = []
+        self.extra: list = []  # per-optimizer per-entry data (e.g. has an amsgrad buffer)
+
+
+class _Plan:
+    __slots__ = ("signature", "batches", "without_grad")
+
+    def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor]):
+        self.signature = signature
+        self.batches = batches
+        self.without_grad = without_grad
+
+
+def real_views(tensors: list[Tensor], complex_idx: list[int]) -> list[Tensor]:
+    """The list with complex entries replaced by their real views (torch's own complex rule:
+    every update is elementwise on the real and imaginary parts)."""
+    if not complex_idx:
+        return tensors
+    out = list(tensors)
+    for i in complex_idx:
+        out[i] = torch.view_as_real(out[i])
+    return out
+
+
+class FusedStepMixin:
+    """Mixed in before a torch.optim class: replaces its step with one fused op call per device.
+
+    Subclasses define ``_structure(group)``, ``_prepare_state(p, group, state)``,
+    ``_entry_extra(group)`` and ``_launch(batch, grads, groups, grad_scale, found_inf)``.
+    """
+
+    # GradScaler hands us grad_scale / found_inf; unscaling and the skip happen in the kernel.
+    _step_supports_amp_scaling = True
+
+    def _fused_init(self) -> None:
+        if any(g.get("differentiable") for g in self.param_groups):
+            raise RuntimeError(f"fusedopt.{type(self).__name__} does not support `differentiable`")
+        self._plan: _Plan | None = None
+        self._step_supports_amp_scaling = True
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def _signature(self):
+        return (
+            id(self.state),
+            tuple((id(g["params"]), len(g["params"]), self._structure(g)) for g in self.param_groups),
+        )
+
+    def _build_plan(self, signature) -> _Plan:
+        name = type(self).__name__
+        batches: dict[torch.device, _Batch] = {}
+        without_grad: list[Tensor] = []
+        n = len(self.param_groups)
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    without_grad.append(p)
+                    continue
+                where = f"param_groups[{gi}]['params'][{k}]"
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"fusedopt.{name} does not support sparse gradients ({where} has one), "
+                        "please consider SparseAdam instead"
+                    )
+                state = self.state[p]
+                self._prepare_state(p, group, state)
+                batch = batches.get(p.device)
+                if batch is None:
+                    batch = batches[p.device] = _Batch(p.device, n)
+                if torch.is_complex(p):
+                    batch.complex_idx.append(len(batch.params))
+                batch.params.append(p)
+                batch.states.append(state)
+                batch.group_sizes[gi] += 1
+                batch.origin.append((gi, k))
+                batch.extra.append(self._entry_extra(group))
+        return _Plan(signature, list(batches.values()), without_grad)
+
+    def _current_plan(self) -> tuple[_Plan, list[list[Tensor]]]:
+        """The plan for this step and each batch's gradients, rebuilding the plan when needed."""
+        if torch.compiler.is_compiling():
+            plan = self._build_plan(None)  # traced once; no identity-based caching
+            return plan, [[p.grad for p in b.params] for b in plan.batches]
+        signature = self._signature()
+        plan = self._plan
+        for attempt in range(2):
+            if plan is None or plan.signature != signature or attempt == 1:
+                plan = self._plan = self._build_plan(signature)
+            grads = [[p.grad for p in b.params] for b in plan.batches]
+            stale = any(any(map(_is_none, g)) for g in grads) or any(
+                p.grad is not None for p in plan.without_grad
+            )
+            if not stale:
+                return plan, grads
+        return plan, grads  # unreachable: a fresh plan is never stale
+
+    # -- step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step: one fused kernel call per device.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        require()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan, grads = self._current_plan()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for batch, batch_grads in zip(plan.batches, grads):
+            gs = _on_device(grad_scale, batch.device)
+            fi = _on_device(found_inf, batch.device)
+            try:
+                self._launch(batch, real_views(batch_grads, batch.complex_idx), gs, fi)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise _locate(e, batch) from None
+        return loss
+
+
+def _on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None or t.device == device or t.device.type == "cpu":
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def _locate(e: Exception, batch: _Batch) -> Exception:
+    """The op's error with its list index translated to the param's place in param_groups."""
+    msg = str(e)
+    m = _INDEX.search(msg)
+    if m and int(m.group(1)) < len(batch.origin):
+        g, k = batch.origin[int(m.group(1))]
+        msg = f"{msg} [params[{m.group(1)}] of this step is param_groups[{g}]['params'][{k}]]"
+    try:
+        return type(e)(msg)
+    except Exception:  # an exception type that does not take one message
+        return RuntimeError(msg)

@@ -1,0 +1,79 @@
+"""fusedopt.SGD: torch.optim.SGD with a fused step (see fusedopt.optim.adam for the pattern)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedopt.ops import SGD_COLUMNS, _lr_entry, hyper_table
+from fusedopt.optim._fused import FusedStepMixin, _Batch, real_views
+
+
+class SGD(FusedStepMixin, torch.optim.SGD):
+    __doc__ = (
+        "Fused drop-in for :class:`torch.optim.SGD` (same arguments, state and behaviour).\n\n"
+        "The whole step is one fused kernel call per device. A momentum buffer is allocated\n"
+        "before its first step and marked fresh, so the kernel initialises it with the gradient\n"
+        "as torch does; a first step skipped by GradScaler keeps it fresh. On CUDA, learning\n"
+        "whether such a step was skipped reads ``found_inf`` once (a host sync), only while a\n"
+        "buffer is fresh.\n\n" + (torch.optim.SGD.__doc__ or "")
+    )
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float | Tensor = 0, nesterov: bool = False,
+                 *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None) -> None:
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
+                         maximize=maximize, foreach=foreach, differentiable=differentiable,
+                         fused=fused)
+        self._fused_init()
+        # id(buffer) -> buffer for momentum buffers never written yet (kept alive so ids stay unique).
+        self._fresh: dict[int, Tensor] = {}
+
+    def _structure(self, group):
+        return group["momentum"] != 0
+
+    def _entry_extra(self, group):
+        return group["momentum"] != 0
+
+    def _prepare_state(self, p: Tensor, group: dict, state: dict) -> None:
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._fresh[id(buf)] = buf
+
+    def _launch(self, batch: _Batch, grads, grad_scale, found_inf) -> None:
+        lr_tensors: list[Tensor] = []
+        rows = []
+        for group in self.param_groups:
+            lr, lr_index = _lr_entry(group["lr"], batch.device, lr_tensors)
+            rows.append(dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
+                             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                             maximize=group["maximize"], lr_index=lr_index))
+        bufs = [s["momentum_buffer"] for s, has in zip(batch.states, batch.extra) if has]
+        fresh: list[int] = []
+        fresh_bufs: list[Tensor] = []
+        if self._fresh:
+            for i, (s, has) in enumerate(zip(batch.states, batch.extra)):
+                if has and self._fresh.get(id(s["momentum_buffer"])) is s["momentum_buffer"]:
+                    fresh.append(i)
+                    fresh_bufs.append(s["momentum_buffer"])
+        cidx = batch.complex_idx
+        if cidx:
+            bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
+        torch.ops.fusedopt.sgd_(
+            real_views(batch.params, cidx), grads, bufs, batch.group_sizes,
+            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf)
+        if fresh_bufs and not _skipped(found_inf):
+            for b in fresh_bufs:
+                del self._fresh[id(b)]
+
+
+def _skipped(found_inf: Tensor | None) -> bool:
+    if found_inf is None:
+        return False
+    if found_inf.device.type != "cpu" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fusedopt.SGD: the first step of a momentum buffer cannot be captured in a CUDA graph "
+            "under GradScaler; take one optimizer step before capturing"
+        )
+    return bool(found_inf.item() != 0)
