@@ -257,4 +257,11 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("sgd_", &sgd_cpu);
 }
 
+// A sparse gradient routes the call here; the shared validation rejects it with a message
+// that names the tensor, instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
+  m.impl("adam_", &adam_cpu);
+  m.impl("sgd_", &sgd_cpu);
+}
+
 }  // namespace fusedopt

@@ -1,0 +1,189 @@
+"""The op layer: schemas, fake implementations (opcheck), validation messages, GradScaler
+semantics of the raw ops, and the shared work list."""
+
+import pytest
+import torch
+
+from fusedopt import _extension
+from fusedopt.ops import ADAM_COLUMNS, SGD_COLUMNS, hyper_table
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+pytestmark = pytest.mark.skipif(not _extension.extension_available(), reason="needs the compiled extension")
+
+
+def adam_row(**kw):
+    row = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=0, maximize=0,
+               decoupled=0, lr_index=-1)
+    row.update(kw)
+    return row
+
+
+def sgd_row(**kw):
+    row = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=0, maximize=0, lr_index=-1)
+    row.update(kw)
+    return row
+
+
+def adam_args(device, shapes=((7,), (3, 5)), dtype=torch.float32, amsgrad=False, scaler=False):
+    g = torch.Generator().manual_seed(1)
+    mk = lambda s: torch.randn(s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    params = [mk(s) for s in shapes]
+    grads = [mk(s) for s in shapes]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    maxs = [torch.zeros_like(p) for p in params] if amsgrad else []
+    steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in params]
+    hyper = hyper_table([adam_row(amsgrad=int(amsgrad))], ADAM_COLUMNS)
+    extra = (torch.tensor([4.0], device=device), torch.zeros(1, device=device)) if scaler else (None, None)
+    return (params, grads, exp_avgs, exp_avg_sqs, maxs, steps, [len(params)], hyper, []) + extra
+
+
+def sgd_args(device, shapes=((7,), (3, 5)), fresh=(0,), scaler=False):
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(s, generator=g).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    bufs = [torch.zeros_like(p) for p in params]
+    hyper = hyper_table([sgd_row()], SGD_COLUMNS)
+    extra = (torch.tensor([2.0], device=device), torch.zeros(1, device=device)) if scaler else (None, None)
+    return (params, grads, bufs, [len(params)], hyper, [], list(fresh)) + extra
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_adam(device, amsgrad, scaler):
+    torch.library.opcheck(torch.ops.fusedopt.adam_.default, adam_args(device, amsgrad=amsgrad, scaler=scaler))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_sgd(device, scaler):
+    torch.library.opcheck(torch.ops.fusedopt.sgd_.default, sgd_args(device, scaler=scaler))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_skips_everything_and_grad_scale_unscales(device):
+    args = list(adam_args(device, amsgrad=True, scaler=True))
+    before = [[t.clone() for t in lst] for lst in args[:6]]
+    args[10] = torch.ones(1, device=device)  # found_inf set: nothing may change, steps included
+    torch.ops.fusedopt.adam_(*args)
+    for lst, old in zip(args[:6], before):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)
+    args[10] = torch.zeros(1, device=device)
+    torch.ops.fusedopt.adam_(*args)
+    for g, g0 in zip(args[1], before[1]):  # grads unscaled in place by 1/4
+        torch.testing.assert_close(g, g0 / 4, rtol=0, atol=0)
+    assert all(s.item() == 1.0 for s in args[5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fresh_momentum_buffer_takes_the_gradient(device):
+    params, grads, bufs, sizes, hyper, lrs, _, gs, fi = sgd_args(device)
+    hyper = hyper_table([sgd_row(dampening=0.5)], SGD_COLUMNS)
+    p0 = [p.clone() for p in params]
+    torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [0], None, None)
+    # params[0]: fresh buffer = grad; params[1]: buffer = 0.9 * 0 + (1 - 0.5) * grad
+    torch.testing.assert_close(bufs[0], grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(bufs[1], 0.5 * grads[1])
+    torch.testing.assert_close(params[0], p0[0] - 1e-2 * grads[0])
+
+
+def test_validation_messages():
+    base = adam_args("cpu")
+
+    def call(**changes):
+        names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
+                 "group_sizes", "hyper", "lr_tensors", "grad_scale", "found_inf"]
+        args = dict(zip(names, base))
+        args.update(changes)
+        torch.ops.fusedopt.adam_(*[args[n] for n in names])
+
+    p, g = base[0], base[1]
+    with pytest.raises(RuntimeError, match=r"must have the same length"):
+        call(grads=g[:1])
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype Double but params\[1\] has dtype Float"):
+        call(grads=[g[0], g[1].double()])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[8\] but params\[0\] has shape \[7\]"):
+        call(grads=[torch.zeros(8), g[1]])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is sparse"):
+        call(grads=[torch.zeros(7).to_sparse(), g[1]])
+    with pytest.raises(RuntimeError, match=r"group_sizes add up to 1 but 2 params"):
+        call(group_sizes=[1])
+    with pytest.raises(RuntimeError, match=r"hyper has shape"):
+        call(hyper=torch.zeros(2, len(ADAM_COLUMNS), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"hyper must be a 2-D float64 CPU tensor"):
+        call(hyper=base[7].float())
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype Int"):
+        call(params=[torch.zeros(7, dtype=torch.int32), p[1]],
+             grads=[torch.zeros(7, dtype=torch.int32), g[1]],
+             exp_avgs=[torch.zeros(7, dtype=torch.int32), base[2][1]],
+             exp_avg_sqs=[torch.zeros(7, dtype=torch.int32), base[3][1]])
+    gappy = torch.zeros(3, 10)[:, :5]
+    with pytest.raises(RuntimeError, match=r"params\[1\] of shape \[3, 5\] .* view with gaps"):
+        call(params=[p[0], gappy])
+    with pytest.raises(RuntimeError, match=r"state_steps\[0\] must have one element"):
+        call(state_steps=[torch.zeros(2), base[5][1]])
+    with pytest.raises(RuntimeError, match=r"amsgrad group but max_exp_avg_sqs has only 0"):
+        call(hyper=hyper_table([adam_row(amsgrad=1)], ADAM_COLUMNS))
+    with pytest.raises(RuntimeError, match=r"found_inf must have exactly one element"):
+        call(found_inf=torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"refers to lr_tensors\[0\] but only 0"):
+        call(hyper=hyper_table([adam_row(lr_index=0)], ADAM_COLUMNS))
+
+
+def test_sgd_validation_messages():
+    params, grads, bufs, sizes, hyper, lrs, fresh, gs, fi = sgd_args("cpu")
+    with pytest.raises(RuntimeError, match=r"momentum but momentum_buffers has only 1"):
+        torch.ops.fusedopt.sgd_(params, grads, bufs[:1], sizes, hyper, lrs, [], None, None)
+    with pytest.raises(RuntimeError, match=r"fresh_buffers names params\[5\]"):
+        torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [5], None, None)
+
+
+def test_cpu_lr_tensor_is_read():
+    args = list(adam_args("cpu"))
+    args[7] = hyper_table([adam_row(lr=123.0, lr_index=0)], ADAM_COLUMNS)
+    args[8] = [torch.tensor(0.0)]  # lr 0: params must not move
+    p0 = [p.clone() for p in args[0]]
+    torch.ops.fusedopt.adam_(*args)
+    for p, q in zip(args[0], p0):
+        assert torch.equal(p, q)
+
+
+# -- the shared work list ------------------------------------------------------------------
+
+@pytest.mark.parametrize("numels,chunk,parts", [
+    ([5, 0, 3], 2, 2),
+    ([1] * 1000, 7, 3),
+    ([10**6, 3, 17, 0, 65536, 65537], 65536, 2),
+    ([4097, 1, 7], 1024, 5),
+    ([], 16, 4),
+    ([100], 1000, 8),
+])
+def test_work_list_covers_every_element_once_and_balances(numels, chunk, parts):
+    chunks, bounds = _extension.require().work_list(numels, chunk, parts)
+    covered = {t: 0 for t in range(len(numels))}
+    for t, begin, end in chunks:
+        assert 0 < end - begin <= chunk
+        assert begin == covered[t], "chunks of a tensor must be contiguous and in order"
+        covered[t] = end
+    assert [covered[t] for t in range(len(numels))] == numels
+    assert [c[0] for c in chunks] == sorted(c[0] for c in chunks)
+    assert len(bounds) == parts + 1 and bounds[0] == 0 and bounds[-1] == len(chunks)
+    assert bounds == sorted(bounds)
+    total = sum(numels)
+    for i in range(parts):
+        share = sum(e - b for _, b, e in chunks[bounds[i]:bounds[i + 1]])
+        # each part holds its fair share give or take one chunk
+        assert abs(share - total / parts) <= chunk + 1
+
+
+def test_work_list_rejects_bad_input():
+    C = _extension.require()
+    with pytest.raises(ValueError, match="chunk size must be positive"):
+        C.work_list([3], 0, 1)
+    with pytest.raises(ValueError, match="parts must be positive"):
+        C.work_list([3], 4, 0)
+    with pytest.raises(ValueError, match="negative tensor size"):
+        C.work_list([-1], 4, 1)
