@@ -62,6 +62,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("work_list", &work_list, py::arg("numels"), py::arg("chunk_elems"), py::arg("parts"),
         "The fused step's work list: chunks of at most chunk_elems elements per tensor, and "
         "the bounds that split them into `parts` ranges of nearly equal element count.");
+  py::dict phase;
+  for (const auto& c : {std::pair<const char*, int>{"start", phase_col::start}, {"kind", phase_col::kind},
+                        {"a", phase_col::a}, {"b", phase_col::b}, {"n", phase_col::n},
+                        {"gamma", phase_col::gamma}, {"power", phase_col::power}, {"flag", phase_col::flag}}) {
+    phase[c.first] = c.second;
+  }
+  m.attr("PHASE_COLUMNS") = phase;
+  m.def("schedule_lr", [](const std::vector<double>& rows, double t) {
+    if (rows.empty() || rows.size() % phase_col::count != 0) {
+      throw py::value_error("schedule rows must be a non-empty multiple of 8 values");
+    }
+    return schedule_lr(rows.data(), static_cast<int64_t>(rows.size() / phase_col::count), t);
+  }, py::arg("rows"), py::arg("t"), "The in-kernel schedule evaluator (flattened phase rows).");
   m.def("cpu_supports_build_isa", &cpu_supports_build_isa,
         "Whether this CPU runs the instruction set the CPU kernels were compiled for.");
   m.attr("ADAM_COLUMNS") = columns({{"lr", adam_col::lr}, {"beta1", adam_col::beta1},
@@ -69,10 +82,14 @@ PYBIND11_MODULE(_C, m) {
                                     {"weight_decay", adam_col::weight_decay},
                                     {"amsgrad", adam_col::amsgrad}, {"maximize", adam_col::maximize},
                                     {"decoupled", adam_col::decoupled},
-                                    {"lr_index", adam_col::lr_index}});
+                                    {"lr_index", adam_col::lr_index},
+                                    {"sched_begin", adam_col::sched_begin},
+                                    {"sched_count", adam_col::sched_count}});
   m.attr("SGD_COLUMNS") = columns({{"lr", sgd_col::lr}, {"momentum", sgd_col::momentum},
                                    {"dampening", sgd_col::dampening},
                                    {"weight_decay", sgd_col::weight_decay},
                                    {"nesterov", sgd_col::nesterov}, {"maximize", sgd_col::maximize},
-                                   {"lr_index", sgd_col::lr_index}});
+                                   {"lr_index", sgd_col::lr_index},
+                                   {"sched_begin", sgd_col::sched_begin},
+                                   {"sched_count", sgd_col::sched_count}});
 }

@@ -15,13 +15,18 @@ TORCH_LIBRARY(fusedopt, m) {
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
       "int[] group_sizes, Tensor hyper, Tensor[] lr_tensors, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, *, Tensor(g!)[] schedule_state, Tensor? schedule=None) -> ()");
+  // In-kernel lr schedule: `schedule` (float64, CPU) holds phase rows (update_rules.h), group g
+  // using rows [sched_begin, sched_begin + sched_count) of it; schedule_state is empty (no
+  // schedule) or the int64 step counter t followed by the lr tensor of each scheduled group.
+  // The step uses lr(t); unless skipped it then stores lr(t + 1) in those tensors and t + 1.
   // momentum_buffers holds the buffers of the groups with momentum != 0 only; the params
   // named in fresh_buffers have a buffer never written yet, which takes the gradient itself.
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] group_sizes, Tensor hyper, Tensor[] lr_tensors, int[] fresh_buffers, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, *, Tensor(d!)[] schedule_state, "
+      "Tensor? schedule=None) -> ()");
 }
 
 }  // namespace fusedopt

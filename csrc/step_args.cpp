@@ -102,7 +102,57 @@ void resolve_lrs(const char* op, StepArgs& out, int lr_col, int index_col,
   }
 }
 
+// Validates the in-kernel schedule arguments and records them in `out`.
+void read_schedule(const char* op, StepArgs& out, int begin_col, int count_col,
+                   at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
+  out.schedule_out.assign(static_cast<size_t>(out.num_groups), ScheduleOut{});
+  int64_t scheduled = 0;
+  for (int64_t g = 0; g < out.num_groups; ++g) scheduled += out.at(g, count_col) > 0 ? 1 : 0;
+  if (scheduled == 0 && schedule_state.empty()) return;
+  TORCH_CHECK(schedule.has_value(), op, ": groups have in-kernel schedules but no schedule table "
+              "was given");
+  const at::Tensor& table = *schedule;
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble && table.dim() == 2 &&
+                  table.size(1) == phase_col::count,
+              op, ": schedule must be a float64 CPU tensor of shape [rows, ", phase_col::count,
+              "], got ", table.scalar_type(), " of shape ", table.sizes(), " on ", table.device());
+  const at::Tensor rows = table.contiguous();
+  out.phases.assign(rows.data_ptr<double>(), rows.data_ptr<double>() + rows.numel());
+  TORCH_CHECK(static_cast<int64_t>(schedule_state.size()) == scheduled + 1, op,
+              ": schedule_state must hold the step counter and one lr tensor for each of the ",
+              scheduled, " scheduled groups, got ", schedule_state.size(), " tensors");
+  const at::Tensor& counter = schedule_state[0];
+  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kLong &&
+                  counter.device() == out.device,
+              op, ": schedule_state[0] must be a one-element int64 step counter on ", out.device,
+              ", got ", counter.scalar_type(), " with ", counter.numel(), " elements on ",
+              counter.device());
+  out.schedule_step = counter.data_ptr<int64_t>();
+  int64_t k = 1;
+  for (int64_t g = 0; g < out.num_groups; ++g) {
+    const double count = out.at(g, count_col), begin = out.at(g, begin_col);
+    if (count <= 0) continue;
+    TORCH_CHECK(begin >= 0 && begin + count <= static_cast<double>(table.size(0)), op,
+                ": group ", g, " names schedule rows [", begin, ", ", begin + count,
+                ") but the table has ", table.size(0), " rows");
+    const at::Tensor& lr = schedule_state[k++];
+    TORCH_CHECK(lr.numel() == 1 && lr.device() == out.device &&
+                    (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+                op, ": the lr tensor of scheduled group ", g, " must be a one-element float32 or "
+                "float64 tensor on ", out.device);
+    out.schedule_out[static_cast<size_t>(g)] = {lr.data_ptr(), lr.scalar_type() == at::kDouble};
+  }
+}
+
 }  // namespace
+
+double scheduled_lr(const StepArgs& args, int64_t group, int lr_col, int begin_col, int count_col,
+                    double t) {
+  const double count = args.at(group, count_col);
+  if (count <= 0) return args.at(group, lr_col);
+  const auto begin = static_cast<int64_t>(args.at(group, begin_col));
+  return schedule_lr(args.phases.data() + begin * phase_col::count, static_cast<int64_t>(count), t);
+}
 
 void check_scalar_tensor(const char* op, const char* what, const at::Tensor& t,
                          c10::Device device) {
@@ -118,7 +168,8 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
                            at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                            c10::IntArrayRef group_sizes, const at::Tensor& hyper,
                            at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf) {
+                           const std::optional<at::Tensor>& found_inf,
+                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
   const auto n = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
                   exp_avg_sqs.size() == params.size() && state_steps.size() == params.size(),
@@ -164,6 +215,7 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
   TORCH_CHECK(next_max == max_exp_avg_sqs.size(), op, ": max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " tensors but the amsgrad groups hold ", next_max, " params");
   resolve_lrs(op, out, adam_col::lr, adam_col::lr_index, lr_tensors);
+  read_schedule(op, out, adam_col::sched_begin, adam_col::sched_count, schedule_state, schedule);
   if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
   return out;
@@ -174,7 +226,8 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                           const at::Tensor& hyper, at::TensorList lr_tensors,
                           c10::IntArrayRef fresh_buffers,
                           const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& found_inf,
+                          at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
   const auto n = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size(), op, ": params and grads must have the same "
               "length, got ", params.size(), " and ", grads.size());
@@ -213,6 +266,7 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
     out.tensors[static_cast<size_t>(k)].fresh = true;
   }
   resolve_lrs(op, out, sgd_col::lr, sgd_col::lr_index, lr_tensors);
+  read_schedule(op, out, sgd_col::sched_begin, sgd_col::sched_count, schedule_state, schedule);
   if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
   return out;

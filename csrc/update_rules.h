@@ -21,15 +21,78 @@ namespace fusedopt {
 
 // Columns of the per-group hyperparameter table `hyper` (float64, one row per param
 // group) that the ops take. Python reads these numbers from the extension module.
+// sched_begin / sched_count: the group's rows of the in-kernel schedule table (count 0: none).
 namespace adam_col {
 enum : int {
-  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_index, count
+  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_index, sched_begin,
+  sched_count, count
 };
 }
 namespace sgd_col {
 enum : int {
-  lr, momentum, dampening, weight_decay, nesterov, maximize, lr_index, count
+  lr, momentum, dampening, weight_decay, nesterov, maximize, lr_index, sched_begin, sched_count,
+  count
 };
+}
+
+// ---------------------------------------------------------------------------------------
+// In-kernel learning-rate schedules
+// ---------------------------------------------------------------------------------------
+
+// A schedule is a list of phases, one row of `phase_col::count` doubles each. At step t the
+// active phase is the last one whose start <= t; u = t - start. fusedopt.lr_scheduler builds the
+// rows from a closed-form scheduler (fusedopt/lr_scheduler/phases.py holds the same formulas
+// in Python as the reference the tests compare against).
+namespace phase_col {
+enum : int { start, kind, a, b, n, gamma, power, flag, count };
+}
+enum PhaseKind : int {
+  kConstant = 0,     // a
+  kLinear = 1,       // a + (b - a) * min(u, n) / n
+  kCosine = 2,       // b + (a - b) * (1 + cos(pi * v / n)) / 2, v = flag ? min(u, n) : u
+  kStepExp = 3,      // a * gamma ^ floor(u / n)
+  kPoly = 4,         // (a - b) * (1 - min(u, n) / n) ^ power + b; flag: cycle the horizon
+  kNaturalExp = 5,   // a * exp(-gamma * u)
+  kInverseTime = 6,  // a / (1 + gamma * u)
+  kNoam = 7,         // a * min(u ^ -0.5, u * n ^ -1.5), 0 at u = 0
+  kSqrtDecay = 8,    // b + (a - b) * (1 - sqrt(min(u, n) / n))
+};
+
+FUSEDOPT_HD double schedule_lr(const double* rows, int64_t count, double t) {
+  int64_t k = 0;
+  for (int64_t i = 1; i < count; ++i) {
+    if (rows[i * phase_col::count + phase_col::start] <= t) k = i;
+  }
+  const double* r = rows + k * phase_col::count;
+  const double u = t - r[phase_col::start];
+  const double a = r[phase_col::a], b = r[phase_col::b], n = r[phase_col::n];
+  const double gamma = r[phase_col::gamma], power = r[phase_col::power];
+  const bool flag = r[phase_col::flag] != 0.0;
+  const double clipped = u < n ? u : n;
+  switch (static_cast<int>(r[phase_col::kind])) {
+    case kLinear: return a + (b - a) * clipped / n;
+    case kCosine: {
+      const double v = flag ? clipped : u;
+      return b + (a - b) * (1.0 + ::cos(3.141592653589793 * v / n)) / 2.0;
+    }
+    case kStepExp: return a * ::pow(gamma, ::floor(u / n));
+    case kPoly: {
+      if (flag) {
+        const double horizon = u > 0.0 ? n * ::ceil(u / n) : n;
+        return (a - b) * ::pow(1.0 - u / horizon, power) + b;
+      }
+      return (a - b) * ::pow(1.0 - clipped / n, power) + b;
+    }
+    case kNaturalExp: return a * ::exp(-gamma * u);
+    case kInverseTime: return a / (1.0 + gamma * u);
+    case kNoam: {
+      if (u <= 0.0) return 0.0;
+      const double warm = u * ::pow(n, -1.5), decay = 1.0 / ::sqrt(u);
+      return a * (warm < decay ? warm : decay);
+    }
+    case kSqrtDecay: return b + (a - b) * (1.0 - ::sqrt(clipped / n));
+    default: return a;  // kConstant
+  }
 }
 
 // Scalar helpers overloaded for float and double here; the CPU kernel adds overloads

@@ -24,12 +24,14 @@ if extension_available():
     # optimizer.step().
     @torch.library.register_fake("fusedopt::adam_")
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   group_sizes, hyper, lr_tensors, grad_scale=None, found_inf=None) -> None:
+                   group_sizes, hyper, lr_tensors, grad_scale=None, found_inf=None, *,
+                   schedule_state, schedule=None) -> None:
         return None
 
     @torch.library.register_fake("fusedopt::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors,
-                  fresh_buffers, grad_scale=None, found_inf=None) -> None:
+                  fresh_buffers, grad_scale=None, found_inf=None, *, schedule_state,
+                  schedule=None) -> None:
         return None
 else:
     ADAM_COLUMNS = {}
@@ -105,7 +107,7 @@ def adam(
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
             [state_steps[i] for i in idx], [len(idx)], hyper_table([row], ADAM_COLUMNS),
-            lr_tensors, _amp_for(grad_scale, dev), _amp_for(found_inf, dev))
+            lr_tensors, _amp_for(grad_scale, dev), _amp_for(found_inf, dev), schedule_state=[])
 
 
 def sgd(
@@ -145,4 +147,4 @@ def sgd(
         torch.ops.fusedopt.sgd_(
             [params[i] for i in idx], [grads[i] for i in idx], bufs, [len(idx)],
             hyper_table([row], SGD_COLUMNS), lr_tensors, fresh, _amp_for(grad_scale, dev),
-            _amp_for(found_inf, dev))
+            _amp_for(found_inf, dev), schedule_state=[])

@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace fusedopt {
@@ -146,6 +147,20 @@ void sgd_chunk(const TensorSlot& s, int64_t begin, int64_t end, const SgdCoeffs<
   }
 }
 
+// Many small tensors live in scattered allocations where the hardware prefetcher restarts at
+// every one; fetching the head of the next chunk while this one computes hides that latency.
+constexpr int kPrefetchLines = 8;
+
+inline void prefetch_chunk(const TensorSlot& s, int64_t begin) {
+  const int64_t elem = s.dtype == Elem::f64 ? 8 : (s.dtype == Elem::f32 ? 4 : 2);
+  const int64_t bytes = std::min<int64_t>((s.numel - begin) * elem, kPrefetchLines * 64);
+  for (const void* base : {s.param, s.grad, s.state0, s.state1, s.state2}) {
+    if (base == nullptr) continue;
+    const char* p = static_cast<const char*>(base) + begin * elem;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
+  }
+}
+
 // Runs `per_chunk(slot, begin, end)` over all chunks of all tensors in one parallel region.
 template <typename F>
 void for_each_chunk(const StepArgs& args, const F& per_chunk) {
@@ -162,6 +177,10 @@ void for_each_chunk(const StepArgs& args, const F& per_chunk) {
   auto run_parts = [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
       for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) {
+        if (c + 1 < bounds[part + 1]) {
+          const WorkChunk& n = chunks[static_cast<size_t>(c + 1)];
+          prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
+        }
         const WorkChunk& w = chunks[static_cast<size_t>(c)];
         per_chunk(args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
       }
@@ -185,16 +204,72 @@ bool read_amp(const std::optional<at::Tensor>& grad_scale,
   return true;
 }
 
+// In-kernel schedule, CPU side: the step uses lr(t) (written into the group's lr column),
+// and once it has run every scheduled group's lr tensor receives lr(t + 1) and t advances.
+template <int LR, int BEGIN, int COUNT>
+void apply_schedule(StepArgs& args) {
+  if (args.schedule_step == nullptr) return;
+  const auto t = static_cast<double>(*args.schedule_step);
+  for (int64_t g = 0; g < args.num_groups; ++g) {
+    args.hyper[g * args.num_cols + LR] = scheduled_lr(args, g, LR, BEGIN, COUNT, t);
+  }
+}
+
+template <int LR, int BEGIN, int COUNT>
+void advance_schedule(const StepArgs& args) {
+  if (args.schedule_step == nullptr) return;
+  const auto next = static_cast<double>(*args.schedule_step + 1);
+  for (int64_t g = 0; g < args.num_groups; ++g) {
+    const ScheduleOut& out = args.schedule_out[static_cast<size_t>(g)];
+    if (out.lr == nullptr) continue;
+    const double lr = scheduled_lr(args, g, LR, BEGIN, COUNT, next);
+    if (out.is_double) {
+      *static_cast<double*>(out.lr) = lr;
+    } else {
+      *static_cast<float*>(out.lr) = static_cast<float>(lr);
+    }
+  }
+  *args.schedule_step += 1;
+}
+
+// The Adam coefficients of one group at the step most of its tensors are at (the first seen).
+struct AdamCoeffCache {
+  int64_t group = 0;
+  bool valid = false;
+  double step = 0.0;
+  AdamCoeffs<float> f;
+  AdamCoeffs<double> d;
+
+  template <typename S>
+  AdamCoeffs<S> make(const StepArgs& args, double at_step) const {
+    using namespace adam_col;
+    const int64_t g = group;
+    return make_adam_coeffs<S>(args.at(g, lr), args.at(g, beta1), args.at(g, beta2), args.at(g, eps),
+                               args.at(g, weight_decay), args.at(g, amsgrad) != 0.0,
+                               args.at(g, maximize) != 0.0, args.at(g, decoupled) != 0.0, at_step);
+  }
+  void prepare(const StepArgs& args, double at_step) {
+    if (valid) return;
+    valid = true;
+    step = at_step;
+    f = make<float>(args, at_step);
+    d = make<double>(args, at_step);
+  }
+};
+
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
               at::TensorList state_steps, c10::IntArrayRef group_sizes, const at::Tensor& hyper,
               at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
-  const StepArgs args = collect_adam_args("fusedopt::adam_", params, grads, exp_avgs,
-                                          exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes,
-                                          hyper, lr_tensors, grad_scale, found_inf);
+              const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+              const std::optional<at::Tensor>& schedule) {
+  using namespace adam_col;
+  StepArgs args = collect_adam_args("fusedopt::adam_", params, grads, exp_avgs, exp_avg_sqs,
+                                    max_exp_avg_sqs, state_steps, group_sizes, hyper, lr_tensors,
+                                    grad_scale, found_inf, schedule_state, schedule);
   GradUnscale unscale;
   if (!read_amp(grad_scale, found_inf, unscale)) return;
+  apply_schedule<lr, sched_begin, sched_count>(args);
   // Step counters first, serially: every chunk of a tensor then reads the same new count.
   for (const auto& s : args.tensors) {
     if (s.step_is_double) {
@@ -203,37 +278,51 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       *static_cast<float*>(s.step) += 1.0f;
     }
   }
-  for_each_chunk(args, [&](const TensorSlot& s, int64_t begin, int64_t end) {
-    using namespace adam_col;
-    const int64_t g = s.group;
+  // Bias corrections cost two pow() calls; tensors of a group almost always share a step, so
+  // the coefficients are computed once per (group, step) per group table row.
+  std::vector<AdamCoeffCache> caches(static_cast<size_t>(args.num_groups));
+  for (int64_t g = 0; g < args.num_groups; ++g) caches[static_cast<size_t>(g)].group = g;
+  for (const auto& s : args.tensors) {
     const double step = s.step_is_double ? *static_cast<const double*>(s.step)
                                          : static_cast<double>(*static_cast<const float*>(s.step));
-    auto coeffs = [&](auto zero) {
-      return make_adam_coeffs<decltype(zero)>(
-          args.at(g, lr), args.at(g, beta1), args.at(g, beta2), args.at(g, eps),
-          args.at(g, weight_decay), args.at(g, amsgrad) != 0.0, args.at(g, maximize) != 0.0,
-          args.at(g, decoupled) != 0.0, step);
-    };
+    caches[static_cast<size_t>(s.group)].prepare(args, step);
+  }
+  for_each_chunk(args, [&](const TensorSlot& s, int64_t begin, int64_t end) {
+    const double step = s.step_is_double ? *static_cast<const double*>(s.step)
+                                         : static_cast<double>(*static_cast<const float*>(s.step));
+    const AdamCoeffCache& cache = caches[static_cast<size_t>(s.group)];
+    const bool hit = cache.valid && cache.step == step;
     switch (s.dtype) {
-      case Elem::f32: adam_chunk<float, float>(s, begin, end, coeffs(0.0f), unscale); break;
-      case Elem::f64: adam_chunk<double, double>(s, begin, end, coeffs(0.0), unscale); break;
-      case Elem::f16: adam_chunk<c10::Half, float>(s, begin, end, coeffs(0.0f), unscale); break;
-      case Elem::bf16: adam_chunk<c10::BFloat16, float>(s, begin, end, coeffs(0.0f), unscale); break;
+      case Elem::f32:
+        adam_chunk<float, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
+        break;
+      case Elem::f64:
+        adam_chunk<double, double>(s, begin, end, hit ? cache.d : cache.make<double>(args, step), unscale);
+        break;
+      case Elem::f16:
+        adam_chunk<c10::Half, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
+        break;
+      case Elem::bf16:
+        adam_chunk<c10::BFloat16, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
+        break;
     }
   });
+  advance_schedule<lr, sched_begin, sched_count>(args);
 }
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
              c10::IntArrayRef group_sizes, const at::Tensor& hyper, at::TensorList lr_tensors,
              c10::IntArrayRef fresh_buffers, const std::optional<at::Tensor>& grad_scale,
-             const std::optional<at::Tensor>& found_inf) {
-  const StepArgs args = collect_sgd_args("fusedopt::sgd_", params, grads, momentum_buffers,
-                                         group_sizes, hyper, lr_tensors, fresh_buffers,
-                                         grad_scale, found_inf);
+             const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+             const std::optional<at::Tensor>& schedule) {
+  using namespace sgd_col;
+  StepArgs args = collect_sgd_args("fusedopt::sgd_", params, grads, momentum_buffers, group_sizes,
+                                   hyper, lr_tensors, fresh_buffers, grad_scale, found_inf,
+                                   schedule_state, schedule);
   GradUnscale unscale;
   if (!read_amp(grad_scale, found_inf, unscale)) return;
+  apply_schedule<lr, sched_begin, sched_count>(args);
   for_each_chunk(args, [&](const TensorSlot& s, int64_t begin, int64_t end) {
-    using namespace sgd_col;
     const int64_t g = s.group;
     auto coeffs = [&](auto zero) {
       return make_sgd_coeffs<decltype(zero)>(args.at(g, lr), args.at(g, momentum),
@@ -248,6 +337,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
       case Elem::bf16: sgd_chunk<c10::BFloat16, float>(s, begin, end, coeffs(0.0f), unscale); break;
     }
   });
+  advance_schedule<lr, sched_begin, sched_count>(args);
 }
 
 }  // namespace

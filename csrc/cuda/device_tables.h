@@ -44,12 +44,19 @@ enum GroupFlags : int32_t {
 // One param group. Adam: h = {beta1, beta2, eps, weight_decay}; SGD: h = {momentum,
 // dampening, weight_decay, unused}. A device-tensor lr is read through lr_ptr at run time,
 // so a graph replay sees the value a scheduler wrote into it.
+// With an in-kernel schedule (sched_count > 0) the lr is schedule_lr() of the group's phase
+// rows at the launch's schedule step, and sched_out receives the lr of the next step.
 struct DeviceGroup {
   double lr;
   double h[4];
   const void* lr_ptr;  // null: use lr
+  void* sched_out;     // null: no in-kernel schedule
   int32_t lr_is_double;
   int32_t flags;
+  int32_t sched_begin;
+  int32_t sched_count;
+  int32_t sched_out_is_double;
+  int32_t pad;
 };
 
 struct DeviceChunk {
@@ -63,7 +70,11 @@ struct LaunchArgs {
   const DeviceTensor* tensors;
   const DeviceChunk* chunks;
   int64_t num_chunks;
-  int32_t* done_counters;    // Adam: per tensor, zero between launches
+  int32_t* done_counters;    // per tensor, then one for the whole launch; zero between launches
+  const double* phases;      // schedule rows (phase_col::count doubles each), or null
+  int64_t* schedule_step;    // in-kernel schedule counter, or null
+  int32_t num_groups;
+  int32_t num_tensors;
   const float* grad_scale;   // device scalar, or null
   const float* found_inf;    // device scalar, or null
   float host_inv_scale;      // used when grad_scale is null and has_host_scale is set

@@ -119,8 +119,9 @@ void append(std::vector<uint8_t>& bytes, const T& value) {
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 struct Packed {
-  std::vector<uint8_t> groups, tensors;  // tensors: tensor table then chunk table
-  int64_t num_tensors = 0, num_chunks = 0;
+  std::vector<uint8_t> groups, tensors;  // groups: group table then schedule rows;
+                                         // tensors: tensor table then chunk table
+  int64_t num_tensors = 0, num_chunks = 0, phases_offset = 0;
 };
 
 Packed pack(const StepArgs& args, at::TensorList lr_tensors, bool adam) {
@@ -128,7 +129,7 @@ Packed pack(const StepArgs& args, at::TensorList lr_tensors, bool adam) {
   for (int64_t g = 0; g < args.num_groups; ++g) {
     DeviceGroup dg{};
     int32_t flags = 0;
-    int lr_index_col;
+    int lr_index_col, begin_col, count_col;
     if (adam) {
       dg.lr = args.at(g, adam_col::lr);
       dg.h[0] = args.at(g, adam_col::beta1);
@@ -139,6 +140,8 @@ Packed pack(const StepArgs& args, at::TensorList lr_tensors, bool adam) {
       if (args.at(g, adam_col::maximize) != 0.0) flags |= kMaximize;
       if (args.at(g, adam_col::decoupled) != 0.0) flags |= kDecoupled;
       lr_index_col = adam_col::lr_index;
+      begin_col = adam_col::sched_begin;
+      count_col = adam_col::sched_count;
     } else {
       dg.lr = args.at(g, sgd_col::lr);
       dg.h[0] = args.at(g, sgd_col::momentum);
@@ -147,6 +150,15 @@ Packed pack(const StepArgs& args, at::TensorList lr_tensors, bool adam) {
       if (args.at(g, sgd_col::nesterov) != 0.0) flags |= kNesterov;
       if (args.at(g, sgd_col::maximize) != 0.0) flags |= kMaximize;
       lr_index_col = sgd_col::lr_index;
+      begin_col = sgd_col::sched_begin;
+      count_col = sgd_col::sched_count;
+    }
+    if (args.schedule_step != nullptr && args.at(g, count_col) > 0) {
+      dg.sched_begin = static_cast<int32_t>(args.at(g, begin_col));
+      dg.sched_count = static_cast<int32_t>(args.at(g, count_col));
+      const ScheduleOut& so = args.schedule_out[static_cast<size_t>(g)];
+      dg.sched_out = so.lr;
+      dg.sched_out_is_double = so.is_double;
     }
     const double idx = args.at(g, lr_index_col);
     if (idx >= 0) {  // a device lr tensor (step_args resolved CPU ones to floats)
@@ -160,6 +172,8 @@ Packed pack(const StepArgs& args, at::TensorList lr_tensors, bool adam) {
     dg.flags = flags;
     append(out.groups, dg);
   }
+  out.phases_offset = static_cast<int64_t>(out.groups.size());
+  for (const double v : args.phases) append(out.groups, v);
   std::vector<int64_t> numels;
   numels.reserve(args.tensors.size());
   for (const auto& s : args.tensors) numels.push_back(s.numel);
@@ -213,12 +227,20 @@ void launch(const char* op, const StepArgs& args, at::TensorList lr_tensors,
 
   const Packed packed = pack(args, lr_tensors, adam);
   LaunchArgs la{};
-  la.groups = static_cast<const DeviceGroup*>(table_cache().upload(packed.groups, args.device, capturing));
+  const auto* group_table =
+      static_cast<const uint8_t*>(table_cache().upload(packed.groups, args.device, capturing));
+  la.groups = reinterpret_cast<const DeviceGroup*>(group_table);
+  la.num_groups = static_cast<int32_t>(args.num_groups);
+  la.num_tensors = static_cast<int32_t>(packed.num_tensors);
+  if (args.schedule_step != nullptr) {
+    la.phases = reinterpret_cast<const double*>(group_table + packed.phases_offset);
+    la.schedule_step = args.schedule_step;
+  }
   const auto* table = static_cast<const uint8_t*>(table_cache().upload(packed.tensors, args.device, capturing));
   la.tensors = reinterpret_cast<const DeviceTensor*>(table);
   la.chunks = reinterpret_cast<const DeviceChunk*>(table + packed.num_tensors * sizeof(DeviceTensor));
   la.num_chunks = packed.num_chunks;
-  la.done_counters = adam ? done_counters(args.device, packed.num_tensors) : nullptr;
+  la.done_counters = done_counters(args.device, packed.num_tensors + 1);
   la.grad_scale = device_float_scalar(op, "grad_scale", grad_scale);
   la.found_inf = device_float_scalar(op, "found_inf", found_inf);
   if (grad_scale.has_value() && grad_scale->device().is_cpu()) {
@@ -245,11 +267,13 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                at::TensorList state_steps, c10::IntArrayRef group_sizes, const at::Tensor& hyper,
                at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+               const std::optional<at::Tensor>& schedule) {
   const char* op = "fusedopt::adam_";
   const StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
                                           max_exp_avg_sqs, state_steps, group_sizes, hyper,
-                                          lr_tensors, grad_scale, found_inf);
+                                          lr_tensors, grad_scale, found_inf, schedule_state,
+                                          schedule);
   check_cuda_steps(op, state_steps);
   launch(op, args, lr_tensors, grad_scale, found_inf, /*adam=*/true);
 }
@@ -257,10 +281,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               c10::IntArrayRef group_sizes, const at::Tensor& hyper, at::TensorList lr_tensors,
               c10::IntArrayRef fresh_buffers, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+              const std::optional<at::Tensor>& schedule) {
   const char* op = "fusedopt::sgd_";
   const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes, hyper,
-                                         lr_tensors, fresh_buffers, grad_scale, found_inf);
+                                         lr_tensors, fresh_buffers, grad_scale, found_inf,
+                                         schedule_state, schedule);
   launch(op, args, lr_tensors, grad_scale, found_inf, /*adam=*/false);
 }
 

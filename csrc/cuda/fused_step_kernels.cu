@@ -73,7 +73,11 @@ __device__ __forceinline__ Unscale read_unscale(const LaunchArgs& a) {
   return {a.has_host_scale != 0, a.host_inv_scale};
 }
 
-__device__ __forceinline__ double read_lr(const DeviceGroup& g) {
+__device__ __forceinline__ double read_lr(const LaunchArgs& a, const DeviceGroup& g) {
+  if (g.sched_count > 0) {
+    return schedule_lr(a.phases + static_cast<int64_t>(g.sched_begin) * phase_col::count,
+                       g.sched_count, static_cast<double>(*a.schedule_step));
+  }
   if (g.lr_ptr == nullptr) return g.lr;
   return g.lr_is_double ? *static_cast<const double*>(g.lr_ptr)
                         : static_cast<double>(*static_cast<const float*>(g.lr_ptr));
@@ -184,6 +188,29 @@ __device__ void sgd_range(const DeviceTensor& t, int64_t begin, int64_t end,
   }
 }
 
+// Called by thread 0 of every block after its last chunk: the last block of the launch to get
+// here advances the in-kernel schedule (every block has read the counter by then).
+__device__ void finish_launch(const LaunchArgs& a) {
+  if (a.schedule_step == nullptr) return;
+  __threadfence();
+  int32_t* launch_counter = a.done_counters + a.num_tensors;
+  if (atomicAdd(launch_counter, 1) != static_cast<int>(gridDim.x) - 1) return;
+  const double next = static_cast<double>(*a.schedule_step + 1);
+  for (int32_t i = 0; i < a.num_groups; ++i) {
+    const DeviceGroup& g = a.groups[i];
+    if (g.sched_out == nullptr) continue;
+    const double lr = schedule_lr(a.phases + static_cast<int64_t>(g.sched_begin) * phase_col::count,
+                                  g.sched_count, next);
+    if (g.sched_out_is_double) {
+      *static_cast<double*>(g.sched_out) = lr;
+    } else {
+      *static_cast<float*>(g.sched_out) = static_cast<float>(lr);
+    }
+  }
+  *a.schedule_step += 1;
+  *launch_counter = 0;
+}
+
 __global__ void adam_kernel(const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
   const Unscale us = read_unscale(a);
@@ -195,7 +222,7 @@ __global__ void adam_kernel(const LaunchArgs a) {
     // Every chunk reads the counter before any block writes it (see below): all of a tensor's
     // chunks compute with the same new step.
     const double step = static_cast<double>(*t.step) + 1.0;
-    const double lr = read_lr(g);
+    const double lr = read_lr(a, g);
     const bool ams = g.flags & kAmsgrad, maxi = g.flags & kMaximize, dec = g.flags & kDecoupled;
     switch (t.dtype) {
       case kF32:
@@ -227,6 +254,8 @@ __global__ void adam_kernel(const LaunchArgs a) {
       }
     }
   }
+  __syncthreads();
+  if (threadIdx.x == 0) finish_launch(a);
 }
 
 __global__ void sgd_kernel(const LaunchArgs a) {
@@ -237,7 +266,7 @@ __global__ void sgd_kernel(const LaunchArgs a) {
     const DeviceTensor& t = a.tensors[ch.tensor];
     const DeviceGroup& g = a.groups[t.group];
     const int64_t end = ch.begin + kChunkElems < t.numel ? ch.begin + kChunkElems : t.numel;
-    const double lr = read_lr(g);
+    const double lr = read_lr(a, g);
     const bool nest = g.flags & kNesterov, maxi = g.flags & kMaximize;
     switch (t.dtype) {
       case kF32:
@@ -254,6 +283,8 @@ __global__ void sgd_kernel(const LaunchArgs a) {
         break;
     }
   }
+  __syncthreads();
+  if (threadIdx.x == 0) finish_launch(a);
 }
 
 }  // namespace

@@ -75,6 +75,25 @@ class FusedStepMixin:
             raise RuntimeError(f"fusedopt.{type(self).__name__} does not support `differentiable`")
         self._plan: _Plan | None = None
         self._step_supports_amp_scaling = True
+        self._kernel_schedule = None
+
+    def _attach_kernel_schedule(self, schedule) -> None:
+        self._kernel_schedule = schedule
+
+    @property
+    def lr_schedule_mode(self) -> str:
+        """``"in-kernel"`` when a schedule was handed to the fused kernel
+        (``fusedopt.lr_scheduler.in_kernel``), else ``"host"`` (group lrs are read as set)."""
+        return "host" if self._kernel_schedule is None else "in-kernel"
+
+    def _schedule_args(self, rows: list[dict]) -> dict:
+        """Adds the in-kernel schedule's columns to the hyper rows; the op's schedule kwargs."""
+        if self._kernel_schedule is None:
+            return {"schedule_state": []}
+        table, state, group_rows = self._kernel_schedule.kernel_args()
+        for row, (begin, count) in zip(rows, group_rows):
+            row["sched_begin"], row["sched_count"] = begin, count
+        return {"schedule_state": state, "schedule": table}
 
     # -- plan --------------------------------------------------------------------------------
 

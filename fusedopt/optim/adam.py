@@ -61,6 +61,7 @@ class _FusedAdamStep(FusedStepMixin):
                              weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                              maximize=group["maximize"],
                              decoupled=group["decoupled_weight_decay"], lr_index=lr_index))
+        sched = self._schedule_args(rows)
         states = batch.states
         cidx = batch.complex_idx
         max_sqs = [s["max_exp_avg_sq"] for s, ams in zip(states, batch.extra) if ams]
@@ -78,6 +79,7 @@ class _FusedAdamStep(FusedStepMixin):
             lr_tensors,
             grad_scale,
             found_inf,
+            **sched,
         )
 
 

@@ -49,6 +49,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
             rows.append(dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                              maximize=group["maximize"], lr_index=lr_index))
+        sched = self._schedule_args(rows)
         bufs = [s["momentum_buffer"] for s, has in zip(batch.states, batch.extra) if has]
         fresh: list[int] = []
         fresh_bufs: list[Tensor] = []
@@ -62,7 +63,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
             bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
         torch.ops.fusedopt.sgd_(
             real_views(batch.params, cidx), grads, bufs, batch.group_sizes,
-            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf)
+            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf, **sched)
         if fresh_bufs and not _skipped(found_inf):
             for b in fresh_bufs:
                 del self._fresh[id(b)]

@@ -14,13 +14,14 @@ pytestmark = pytest.mark.skipif(not _extension.extension_available(), reason="ne
 
 def adam_row(**kw):
     row = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=0, maximize=0,
-               decoupled=0, lr_index=-1)
+               decoupled=0, lr_index=-1, sched_begin=0, sched_count=0)
     row.update(kw)
     return row
 
 
 def sgd_row(**kw):
-    row = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=0, maximize=0, lr_index=-1)
+    row = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=0, maximize=0, lr_index=-1,
+               sched_begin=0, sched_count=0)
     row.update(kw)
     return row
 
@@ -53,13 +54,68 @@ def sgd_args(device, shapes=((7,), (3, 5)), fresh=(0,), scaler=False):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("scaler", [False, True])
 def test_opcheck_adam(device, amsgrad, scaler):
-    torch.library.opcheck(torch.ops.fusedopt.adam_.default, adam_args(device, amsgrad=amsgrad, scaler=scaler))
+    torch.library.opcheck(torch.ops.fusedopt.adam_.default, adam_args(device, amsgrad=amsgrad, scaler=scaler),
+                          {"schedule_state": []})
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scaler", [False, True])
 def test_opcheck_sgd(device, scaler):
-    torch.library.opcheck(torch.ops.fusedopt.sgd_.default, sgd_args(device, scaler=scaler))
+    torch.library.opcheck(torch.ops.fusedopt.sgd_.default, sgd_args(device, scaler=scaler), {"schedule_state": []})
+
+
+def _schedule_kwargs(device, rows=((0, 1, 0.1, 0.01, 10, 0, 0, 0),)):
+    """A one-group in-kernel schedule: LINEAR from 0.1 to 0.01 over 10 steps."""
+    return {"schedule": torch.tensor(rows, dtype=torch.float64),
+            "schedule_state": [torch.zeros(1, dtype=torch.int64, device=device),
+                               torch.zeros((), dtype=torch.float64, device=device)]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_with_in_kernel_schedule(device):
+    args = list(adam_args(device))
+    args[7] = hyper_table([adam_row(sched_begin=0, sched_count=1)], ADAM_COLUMNS)
+    torch.library.opcheck(torch.ops.fusedopt.adam_.default, tuple(args), _schedule_kwargs(device))
+    sargs = list(sgd_args(device))
+    sargs[4] = hyper_table([sgd_row(sched_begin=0, sched_count=1)], SGD_COLUMNS)
+    torch.library.opcheck(torch.ops.fusedopt.sgd_.default, tuple(sargs), _schedule_kwargs(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_kernel_schedule_uses_lr_t_then_stores_lr_t_plus_1(device):
+    params, grads, bufs, sizes, _, lrs, fresh, _, _ = sgd_args(device, fresh=())
+    hyper = hyper_table([sgd_row(momentum=0.0, lr=99.0, sched_begin=0, sched_count=1)], SGD_COLUMNS)
+    kw = _schedule_kwargs(device)
+    counter, lr_out = kw["schedule_state"]
+    for t in range(12):
+        p0 = [p.clone() for p in params]
+        torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, None, **kw)
+        lr_t = 0.1 + (0.01 - 0.1) * min(t, 10) / 10  # LINEAR phase, computed here independently
+        for p, q, g in zip(params, p0, grads):
+            torch.testing.assert_close(p, q - torch.tensor(lr_t, dtype=torch.float32) * g, rtol=1e-6, atol=1e-7)
+        assert counter.item() == t + 1
+        assert lr_out.item() == pytest.approx(0.1 + (0.01 - 0.1) * min(t + 1, 10) / 10, rel=1e-12)
+    # a skipped step neither uses nor advances the schedule
+    kw_skip = dict(kw)
+    torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, torch.ones(1, device=device), **kw_skip)
+    assert counter.item() == 12
+
+
+def test_schedule_validation_messages():
+    params, grads, bufs, sizes, _, lrs, _, _, _ = sgd_args("cpu", fresh=())
+    hyper = hyper_table([sgd_row(momentum=0.0, sched_begin=0, sched_count=2)], SGD_COLUMNS)
+    kw = _schedule_kwargs("cpu")
+    with pytest.raises(RuntimeError, match=r"names schedule rows \[0, 2\) but the table has 1 rows"):
+        torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, None, **kw)
+    hyper = hyper_table([sgd_row(momentum=0.0, sched_begin=0, sched_count=1)], SGD_COLUMNS)
+    with pytest.raises(RuntimeError, match=r"no schedule table"):
+        torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, None, schedule_state=[])
+    with pytest.raises(RuntimeError, match=r"schedule_state must hold the step counter and one lr tensor"):
+        torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, None,
+                                schedule=kw["schedule"], schedule_state=kw["schedule_state"][:1])
+    with pytest.raises(RuntimeError, match=r"schedule_state\[0\] must be a one-element int64"):
+        torch.ops.fusedopt.sgd_(params, grads, [], sizes, hyper, lrs, [], None, None, schedule=kw["schedule"],
+                                schedule_state=[torch.zeros(1), kw["schedule_state"][1]])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,12 +123,12 @@ def test_found_inf_skips_everything_and_grad_scale_unscales(device):
     args = list(adam_args(device, amsgrad=True, scaler=True))
     before = [[t.clone() for t in lst] for lst in args[:6]]
     args[10] = torch.ones(1, device=device)  # found_inf set: nothing may change, steps included
-    torch.ops.fusedopt.adam_(*args)
+    torch.ops.fusedopt.adam_(*args, schedule_state=[])
     for lst, old in zip(args[:6], before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
     args[10] = torch.zeros(1, device=device)
-    torch.ops.fusedopt.adam_(*args)
+    torch.ops.fusedopt.adam_(*args, schedule_state=[])
     for g, g0 in zip(args[1], before[1]):  # grads unscaled in place by 1/4
         torch.testing.assert_close(g, g0 / 4, rtol=0, atol=0)
     assert all(s.item() == 1.0 for s in args[5])
@@ -83,7 +139,7 @@ def test_fresh_momentum_buffer_takes_the_gradient(device):
     params, grads, bufs, sizes, hyper, lrs, _, gs, fi = sgd_args(device)
     hyper = hyper_table([sgd_row(dampening=0.5)], SGD_COLUMNS)
     p0 = [p.clone() for p in params]
-    torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [0], None, None)
+    torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [0], None, None, schedule_state=[])
     # params[0]: fresh buffer = grad; params[1]: buffer = 0.9 * 0 + (1 - 0.5) * grad
     torch.testing.assert_close(bufs[0], grads[0], rtol=0, atol=0)
     torch.testing.assert_close(bufs[1], 0.5 * grads[1])
@@ -98,7 +154,7 @@ def test_validation_messages():
                  "group_sizes", "hyper", "lr_tensors", "grad_scale", "found_inf"]
         args = dict(zip(names, base))
         args.update(changes)
-        torch.ops.fusedopt.adam_(*[args[n] for n in names])
+        torch.ops.fusedopt.adam_(*[args[n] for n in names], schedule_state=[])
 
     p, g = base[0], base[1]
     with pytest.raises(RuntimeError, match=r"must have the same length"):
@@ -136,9 +192,9 @@ def test_validation_messages():
 def test_sgd_validation_messages():
     params, grads, bufs, sizes, hyper, lrs, fresh, gs, fi = sgd_args("cpu")
     with pytest.raises(RuntimeError, match=r"momentum but momentum_buffers has only 1"):
-        torch.ops.fusedopt.sgd_(params, grads, bufs[:1], sizes, hyper, lrs, [], None, None)
+        torch.ops.fusedopt.sgd_(params, grads, bufs[:1], sizes, hyper, lrs, [], None, None, schedule_state=[])
     with pytest.raises(RuntimeError, match=r"fresh_buffers names params\[5\]"):
-        torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [5], None, None)
+        torch.ops.fusedopt.sgd_(params, grads, bufs, sizes, hyper, lrs, [5], None, None, schedule_state=[])
 
 
 def test_cpu_lr_tensor_is_read():
@@ -146,7 +202,7 @@ def test_cpu_lr_tensor_is_read():
     args[7] = hyper_table([adam_row(lr=123.0, lr_index=0)], ADAM_COLUMNS)
     args[8] = [torch.tensor(0.0)]  # lr 0: params must not move
     p0 = [p.clone() for p in args[0]]
-    torch.ops.fusedopt.adam_(*args)
+    torch.ops.fusedopt.adam_(*args, schedule_state=[])
     for p, q in zip(args[0], p0):
         assert torch.equal(p, q)
 

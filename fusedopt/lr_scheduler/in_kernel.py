@@ -1,0 +1,125 @@
+"""In-kernel learning-rate schedules: the fused kernel computes the lr from its own step count.
+
+A host scheduler (torch's or fusedopt's) runs in Python after every step; under a captured CUDA
+graph it cannot run at all, and under ``torch.compile`` a float lr that changes recompiles. With
+``in_kernel(scheduler)`` a closed-form schedule is handed to the fused kernel instead::
+
+    opt = fusedopt.AdamW(model.parameters(), lr=3e-4)
+    sched = fusedopt.lr_scheduler.in_kernel(
+        fusedopt.lr_scheduler.WarmupCosine(opt, warmup_steps=100, total_steps=10_000))
+    for batch in data:
+        loss(batch).backward()
+        opt.step()        # uses lr(t), then advances t and stores lr(t + 1) in group["lr"]
+        sched.step()      # allowed and does nothing: the kernel already advanced the schedule
+        opt.zero_grad()
+
+Each step uses lr(t) where t counts the optimizer's completed steps (a step skipped by GradScaler
+does not count), so the trajectory is the host scheduler's. ``group["lr"]`` becomes a tensor the
+kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. No host work happens
+per step for the lr, and a whole training step captured in a CUDA graph follows the schedule
+across replays. Schedules without a closed form (LambdaLR, ReduceLROnPlateau, ...) stay on the
+host: ``in_kernel`` raises TypeError for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedopt.lr_scheduler.phases import evaluate_phases, kernel_phases
+
+
+class InKernelSchedule:
+    """A closed-form schedule evaluated by a fusedopt optimizer's fused kernel.
+
+    Create it with :func:`in_kernel`. It mirrors the parts of the ``LRScheduler`` API a training
+    loop uses: ``step()`` (a no-op), ``get_last_lr()``, ``last_epoch``, ``state_dict()`` /
+    ``load_state_dict()``; ``mode`` is ``"in-kernel"``.
+    """
+
+    mode = "in-kernel"
+
+    def __init__(self, scheduler) -> None:
+        optimizer = scheduler.optimizer
+        if not hasattr(optimizer, "_attach_kernel_schedule"):
+            raise TypeError(
+                f"in_kernel needs a fusedopt optimizer (fusedopt.SGD / Adam / AdamW), got "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__}; a torch.optim optimizer "
+                "keeps its schedule on the host"
+            )
+        phases = kernel_phases(scheduler)  # TypeError for schedules without a closed form
+        devices = {p.device for g in optimizer.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"in_kernel supports optimizers whose params live on one device, got {sorted(map(str, devices))}"
+            )
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self.phases = phases
+        self.device = devices.pop() if devices else torch.device("cpu")
+        rows: list[list[float]] = []
+        self.group_rows: list[tuple[int, int]] = []
+        for group_phases in phases:
+            self.group_rows.append((len(rows), len(group_phases)))
+            rows.extend([float(v) for v in phase] for phase in group_phases)
+        self.table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 8)
+        start = max(int(scheduler.last_epoch), 0)
+        self._counter = torch.tensor([start], dtype=torch.int64, device=self.device)
+        # The kernel writes the next step's lr into these; they replace the float lrs.
+        for group, group_phases in zip(optimizer.param_groups, phases):
+            group["lr"] = torch.tensor(evaluate_phases(group_phases, start), dtype=torch.float64,
+                                       device=self.device)
+        optimizer._attach_kernel_schedule(self)
+
+    # -- what the optimizer passes to its op ---------------------------------------------------
+
+    def kernel_args(self) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
+        """(phase table, schedule_state = [counter, lr tensors], (begin, count) per group)."""
+        lrs = []
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64):
+                # e.g. an optimizer state_dict load put a float (or a tensor elsewhere) back
+                lr = group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=self.device)
+            lrs.append(lr)
+        return self.table, [self._counter] + lrs, self.group_rows
+
+    # -- the LRScheduler-like surface ----------------------------------------------------------
+
+    def step(self, *args, **kwargs) -> None:
+        """Does nothing: the fused kernel advances the schedule with every optimizer step."""
+
+    @property
+    def last_epoch(self) -> int:
+        """The schedule step the next optimizer step will use (reading it synchronizes)."""
+        return int(self._counter.item())
+
+    def get_last_lr(self) -> list[float]:
+        """The lr each group will use at the next step (reading it synchronizes)."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        t = int(state_dict["last_epoch"])
+        self._counter.fill_(t)
+        for group, group_phases in zip(self.optimizer.param_groups, self.phases):
+            if not torch.is_tensor(group["lr"]):  # an optimizer state_dict load replaced it
+                group["lr"] = torch.tensor(0.0, dtype=torch.float64, device=self.device)
+            group["lr"].fill_(evaluate_phases(group_phases, t))
+
+    def __repr__(self) -> str:
+        return (f"InKernelSchedule({type(self.scheduler).__name__}, mode='in-kernel': the lr is "
+                f"computed by the fused kernel from its step count)")
+
+
+def in_kernel(scheduler) -> InKernelSchedule:
+    """Hand a closed-form ``scheduler`` over to its fusedopt optimizer's fused kernel.
+
+    From then on the kernel evaluates the schedule at every step from its own step count; the
+    host scheduler is no longer stepped. Raises TypeError for a scheduler without a closed form
+    (it stays on the host) or an optimizer that is not fusedopt's.
+    """
+    return InKernelSchedule(scheduler)

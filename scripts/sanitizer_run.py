@@ -1,0 +1,60 @@
+"""A short fused-optimizer run for compute-sanitizer (memcheck / racecheck / initcheck).
+
+Covers several param groups, mixed dtypes, odd sizes, amsgrad, SGD momentum with a fresh
+buffer, GradScaler skips, and a captured CUDA graph replayed with a changing lr.
+"""
+
+import torch
+
+import fusedopt
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = "cuda"
+    shapes = [(1,), (7,), (4097,), (3, 5, 7), (65537,)] + [(1024,)] * 200
+    for cls, kw in ((fusedopt.SGD, dict(momentum=0.9, dampening=0.1)),
+                    (fusedopt.SGD, dict(momentum=0.9, nesterov=True)),
+                    (fusedopt.Adam, dict(amsgrad=True, weight_decay=0.1)),
+                    (fusedopt.AdamW, dict(maximize=True))):
+        f32 = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]
+        bf16 = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.bfloat16)) for s in shapes[:4]]
+        f16 = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.float16)) for s in shapes[:4]]
+        f64 = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.float64)) for s in shapes[:3]]
+        opt = cls([{"params": f32}, {"params": bf16 + f16, "lr": 1e-4}, {"params": f64, "lr": 1e-3}], lr=1e-2, **kw)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**20)
+        for step in range(4):
+            for p in f32 + bf16 + f16 + f64:
+                p.grad = torch.randn_like(p)
+            if step == 1:
+                f32[2].grad[5] = float("inf")
+            scaler.scale(torch.zeros((), device=dev, requires_grad=True)).backward()
+            scaler.step(opt)
+            scaler.update()
+    # graph capture with a tensor lr changed between replays
+    model = torch.nn.Linear(64, 64).to(dev)
+    lr = torch.tensor(0.01, device=dev)
+    opt = fusedopt.AdamW(model.parameters(), lr=lr, capturable=True)
+    x = torch.randn(8, 64, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            opt.zero_grad(set_to_none=False)
+            model(x).square().mean().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    for i in range(3):
+        lr.fill_(0.01 / (i + 1))
+        g.replay()
+    torch.cuda.synchronize()
+    print("sanitizer run: ok")
+
+
+if __name__ == "__main__":
+    main()

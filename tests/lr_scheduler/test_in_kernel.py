@@ -1,0 +1,160 @@
+"""In-kernel schedules: the fused kernel computes the lr from its own step count, and the
+trajectory (lrs and params) equals the host scheduler's for every closed-form schedule."""
+
+import copy
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as tls
+
+import fusedopt
+from fusedopt.lr_scheduler import WarmupCosine, in_kernel
+
+pytestmark = pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+
+STEPS = 150
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pair(kind, device="cpu", lrs=(0.1, 0.03)):
+    """Two identical fusedopt optimizers over two param groups with different lrs."""
+    def build():
+        g = torch.Generator().manual_seed(0)
+        groups = [{"params": [torch.nn.Parameter(torch.randn(5, generator=g).to(device))], "lr": lr} for lr in lrs]
+        if kind == "sgd":
+            return fusedopt.SGD(groups, lr=lrs[0], momentum=0.9)
+        return fusedopt.AdamW(groups, lr=lrs[0])
+    return build(), build()
+
+
+def _grads(opts, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    for group_a, group_b in zip(opts[0].param_groups, opts[1].param_groups):
+        for p, q in zip(group_a["params"], group_b["params"]):
+            grad = torch.randn(p.shape, generator=g).to(p.device)
+            p.grad, q.grad = grad.clone(), grad.clone()
+
+
+def test_every_closed_form_schedule_matches_the_host_trajectory(schedule_case, recwarn):
+    name, factory = schedule_case
+    host_opt, kernel_opt = _pair("adam" if len(name) % 2 else "sgd")
+    host = factory(host_opt)
+    kernel = in_kernel(factory(kernel_opt))
+    assert kernel_opt.lr_schedule_mode == "in-kernel" and host_opt.lr_schedule_mode == "host"
+    for step in range(STEPS):
+        host_lrs = [float(g["lr"]) for g in host_opt.param_groups]
+        assert kernel.get_last_lr() == pytest.approx(host_lrs, rel=1e-6, abs=1e-12), step
+        _grads((host_opt, kernel_opt), step)
+        host_opt.step()
+        kernel_opt.step()
+        host.step()
+        kernel.step()  # a no-op: the kernel advanced the schedule
+    assert kernel.last_epoch == STEPS
+    for pa, pb in zip(host_opt.param_groups, kernel_opt.param_groups):
+        for p, q in zip(pa["params"], pb["params"]):
+            # lr applied as float32 by both; the host's recursive lr and the closed form differ
+            # by ~1e-15 relative, which float32 math absorbs
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_skip_does_not_advance_the_schedule(device):
+    opt, _ = _pair("adam", device)
+    sched = in_kernel(tls.StepLR(opt, step_size=1, gamma=0.5))
+    scaler = torch.amp.GradScaler(device)
+    for step in range(4):
+        _grads((opt, _), step)
+        if step == 1:
+            opt.param_groups[0]["params"][0].grad[0] = float("inf")
+        scaler.scale(torch.zeros((), device=device, requires_grad=True)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert sched.last_epoch == 3  # four steps, one skipped
+    assert sched.get_last_lr() == pytest.approx([0.1 * 0.5**3, 0.03 * 0.5**3])
+
+
+def test_state_dict_round_trip_mid_run_continues_identically():
+    a, b = _pair("sgd")
+    sa = in_kernel(WarmupCosine(a, warmup_steps=10, total_steps=60, min_lr=1e-3))
+    for step in range(25):
+        _grads((a, b), step)
+        a.step()
+    # deepcopy = through a file: a live state_dict shares tensors with its optimizer
+    saved_opt, saved_sched = copy.deepcopy(a.state_dict()), copy.deepcopy(sa.state_dict())
+    assert saved_sched["last_epoch"] == 25
+    sb = in_kernel(WarmupCosine(b, warmup_steps=10, total_steps=60, min_lr=1e-3))
+    with torch.no_grad():  # the params travel in the model's state_dict, not the optimizer's
+        for p, q in zip(a.param_groups[0]["params"] + a.param_groups[1]["params"],
+                        b.param_groups[0]["params"] + b.param_groups[1]["params"]):
+            q.copy_(p)
+    b.load_state_dict(saved_opt)
+    sb.load_state_dict(saved_sched)
+    assert sb.get_last_lr() == pytest.approx(sa.get_last_lr(), rel=1e-12)
+    for step in range(25, 50):
+        _grads((a, b), step)
+        a.step()
+        b.step()
+    assert sb.last_epoch == sa.last_epoch == 50
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_schedules_without_closed_form_stay_on_the_host():
+    opt, _ = _pair("sgd")
+    with pytest.raises(TypeError, match="LambdaLR has no closed form"):
+        in_kernel(tls.LambdaLR(opt, lambda t: 0.9**t))
+    with pytest.raises(TypeError, match="has no closed form"):
+        in_kernel(tls.ReduceLROnPlateau(opt))
+    assert opt.lr_schedule_mode == "host"
+
+
+def test_needs_a_fusedopt_optimizer():
+    torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(TypeError, match="needs a fusedopt optimizer"):
+        in_kernel(tls.StepLR(torch_opt, 5))
+
+
+def test_mode_is_said_plainly():
+    opt, _ = _pair("adam")
+    sched = in_kernel(tls.ExponentialLR(opt, 0.9))
+    assert "in-kernel" in repr(sched) and "ExponentialLR" in repr(sched)
+    assert sched.mode == "in-kernel"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_training_step_follows_the_schedule_across_replays():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16).cuda()
+    ref = torch.nn.Linear(16, 16).cuda()
+    ref.load_state_dict(model.state_dict())
+    opt = fusedopt.AdamW(model.parameters(), lr=0.01, capturable=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, foreach=False)
+    sched = in_kernel(WarmupCosine(opt, warmup_steps=5, total_steps=40))
+    ref_sched = WarmupCosine(ref_opt, warmup_steps=5, total_steps=40)
+    x = torch.randn(8, 16, device="cuda")
+
+    def step(m, o):
+        o.zero_grad(set_to_none=False)
+        m(x).square().mean().backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(model, opt)
+            step(ref, ref_opt)
+            ref_sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt)
+    for _ in range(20):
+        graph.replay()
+        step(ref, ref_opt)
+        ref_sched.step()
+    torch.cuda.synchronize()
+    assert sched.last_epoch == 22
+    assert sched.get_last_lr()[0] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
