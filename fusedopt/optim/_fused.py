@@ -95,6 +95,17 @@ class FusedStepMixin:
             row["sched_begin"], row["sched_count"] = begin, count
         return {"schedule_state": state, "schedule": table}
 
+    def __setstate__(self, state) -> None:
+        # pickling and deepcopy keep only defaults, state and param_groups (torch's
+        # __getstate__); the plan and the schedule hookup are rebuilt or re-attached.
+        super().__setstate__(state)
+        self._plan = None
+        self._kernel_schedule = None
+
+    def _state_of(self, p: Tensor, group: dict) -> dict:
+        """The state dict a param's step uses (accessing self.state[p] creates the entry)."""
+        return self.state[p]
+
     # -- plan --------------------------------------------------------------------------------
 
     def _signature(self):
@@ -120,7 +131,7 @@ class FusedStepMixin:
                         f"fusedopt.{name} does not support sparse gradients ({where} has one), "
                         "please consider SparseAdam instead"
                     )
-                state = self.state[p]
+                state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 batch = batches.get(p.device)
                 if batch is None:

@@ -14,9 +14,9 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         "Fused drop-in for :class:`torch.optim.SGD` (same arguments, state and behaviour).\n\n"
         "The whole step is one fused kernel call per device. A momentum buffer is allocated\n"
         "before its first step and marked fresh, so the kernel initialises it with the gradient\n"
-        "as torch does; a first step skipped by GradScaler keeps it fresh. On CUDA, learning\n"
-        "whether such a step was skipped reads ``found_inf`` once (a host sync), only while a\n"
-        "buffer is fresh.\n\n" + (torch.optim.SGD.__doc__ or "")
+        "as torch does; if GradScaler skips that step the buffer is dropped again, as torch\n"
+        "would never have made it. On CUDA, learning whether such a step was skipped reads\n"
+        "``found_inf`` (a host sync), only on a step that creates buffers.\n\n" + (torch.optim.SGD.__doc__ or "")
     )
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0,
@@ -29,6 +29,14 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         self._fused_init()
         # id(buffer) -> buffer for momentum buffers never written yet (kept alive so ids stay unique).
         self._fresh: dict[int, Tensor] = {}
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._fresh = {}
+
+    def _state_of(self, p: Tensor, group: dict) -> dict:
+        # like torch, SGD without momentum keeps no state entry at all
+        return self.state[p] if group["momentum"] != 0 else {}
 
     def _structure(self, group):
         return group["momentum"] != 0
@@ -64,9 +72,19 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         torch.ops.fusedopt.sgd_(
             real_views(batch.params, cidx), grads, bufs, batch.group_sizes,
             hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf, **sched)
-        if fresh_bufs and not _skipped(found_inf):
-            for b in fresh_bufs:
+        if fresh_bufs:
+            skipped = _skipped(found_inf)
+            for i, b in zip(fresh, fresh_bufs):
                 del self._fresh[id(b)]
+                if skipped:
+                    # torch creates no buffer on a skipped step: drop the ones made for this
+                    # one, so the state is torch's exactly and the next step makes them again
+                    state = batch.states[i]
+                    del state["momentum_buffer"]
+                    if not state:
+                        self.state.pop(batch.params[i], None)
+            if skipped:
+                self._plan = None
 
 
 def _skipped(found_inf: Tensor | None) -> bool:
