@@ -4,7 +4,6 @@
 // for all tensors on the device. No host synchronisation anywhere on this path.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,15 +43,23 @@ int sm_count(int device) {
 // Device copies of host-packed tables, kept while they may be reused: a step whose tables are
 // byte-identical to an earlier one reuses that upload (no copy at all), and an upload recorded
 // into a CUDA graph stays alive, with its pinned source, for as long as the process runs.
+// A tensor table also owns the completion counters its launches use, so two optimizers never
+// share counters and a captured graph's counters live as long as its table.
+struct Upload {
+  const void* table = nullptr;
+  int32_t* counters = nullptr;
+};
+
 class TableCache {
  public:
-  const void* upload(const std::vector<uint8_t>& bytes, c10::Device device, bool capturing) {
+  Upload upload(const std::vector<uint8_t>& bytes, c10::Device device, bool capturing,
+                int64_t num_counters, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->device == device && it->bytes == bytes) {
+      if (it->device == device && it->bytes == bytes && it->num_counters >= num_counters) {
         it->keep |= capturing;
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-        return entries_.front().dev.data_ptr();
+        return entries_.front().view();
       }
     }
     Entry e;
@@ -66,17 +73,27 @@ class TableCache {
                       at::TensorOptions().dtype(at::kByte).device(device));
     // Asynchronous: the caching host allocator keeps the pinned block until the copy is done.
     e.dev.copy_(e.host, /*non_blocking=*/true);
+    if (num_counters > 0) {
+      e.num_counters = num_counters;
+      e.counters = at::empty({num_counters}, at::TensorOptions().dtype(at::kInt).device(device));
+      // A memset, not a kernel: the counters return to zero after every launch.
+      C10_CUDA_CHECK(cudaMemsetAsync(e.counters.data_ptr(), 0, num_counters * sizeof(int32_t), stream));
+    }
     entries_.push_front(std::move(e));
     evict();
-    return entries_.front().dev.data_ptr();
+    return entries_.front().view();
   }
 
  private:
   struct Entry {
     c10::Device device = c10::Device(c10::DeviceType::CUDA, 0);
     std::vector<uint8_t> bytes;
-    at::Tensor host, dev;
+    at::Tensor host, dev, counters;
+    int64_t num_counters = 0;
     bool keep = false;
+    Upload view() const {
+      return {dev.data_ptr(), counters.defined() ? counters.data_ptr<int32_t>() : nullptr};
+    }
   };
   void evict() {
     size_t n = 0;
@@ -96,18 +113,6 @@ class TableCache {
 TableCache& table_cache() {
   static TableCache cache;
   return cache;
-}
-
-// Per-device completion counters for the in-kernel step bump; zero between launches.
-int32_t* done_counters(c10::Device device, int64_t n) {
-  static std::mutex mu;
-  static std::unordered_map<int, at::Tensor> counters;
-  std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& t = counters[device.index()];
-  if (!t.defined() || t.numel() < n) {
-    t = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(device));
-  }
-  return t.data_ptr<int32_t>();
 }
 
 template <typename T>
@@ -227,8 +232,8 @@ void launch(const char* op, const StepArgs& args, at::TensorList lr_tensors,
 
   const Packed packed = pack(args, lr_tensors, adam);
   LaunchArgs la{};
-  const auto* group_table =
-      static_cast<const uint8_t*>(table_cache().upload(packed.groups, args.device, capturing));
+  const auto* group_table = static_cast<const uint8_t*>(
+      table_cache().upload(packed.groups, args.device, capturing, 0, stream.stream()).table);
   la.groups = reinterpret_cast<const DeviceGroup*>(group_table);
   la.num_groups = static_cast<int32_t>(args.num_groups);
   la.num_tensors = static_cast<int32_t>(packed.num_tensors);
@@ -236,11 +241,14 @@ void launch(const char* op, const StepArgs& args, at::TensorList lr_tensors,
     la.phases = reinterpret_cast<const double*>(group_table + packed.phases_offset);
     la.schedule_step = args.schedule_step;
   }
-  const auto* table = static_cast<const uint8_t*>(table_cache().upload(packed.tensors, args.device, capturing));
+  // Counters: one per tensor for the step bump, then one for the whole launch (schedule).
+  const Upload tensors = table_cache().upload(packed.tensors, args.device, capturing,
+                                              packed.num_tensors + 1, stream.stream());
+  const auto* table = static_cast<const uint8_t*>(tensors.table);
   la.tensors = reinterpret_cast<const DeviceTensor*>(table);
   la.chunks = reinterpret_cast<const DeviceChunk*>(table + packed.num_tensors * sizeof(DeviceTensor));
   la.num_chunks = packed.num_chunks;
-  la.done_counters = done_counters(args.device, packed.num_tensors + 1);
+  la.done_counters = tensors.counters;
   la.grad_scale = device_float_scalar(op, "grad_scale", grad_scale);
   la.found_inf = device_float_scalar(op, "found_inf", found_inf);
   if (grad_scale.has_value() && grad_scale->device().is_cpu()) {

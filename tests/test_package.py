@@ -1,0 +1,85 @@
+"""Package behaviour: import never crashes without a usable extension and says why;
+torch.compile traces optimizer.step()."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedopt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **env}, timeout=300)
+
+
+def test_import_without_extension_warns_and_optimizer_explains():
+    r = _run("""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fusedopt
+        assert not fusedopt.extension_available()
+        print("WARN:", " | ".join(str(x.message) for x in w))
+        p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.ones(3)
+        opt = fusedopt.Adam([p])
+        try:
+            opt.step()
+        except RuntimeError as e:
+            print("STEP:", e)
+    """, FUSEDOPT_NO_EXTENSION="1")
+    assert r.returncode == 0, r.stderr
+    assert "WARN: fusedopt: the compiled extension is disabled by FUSEDOPT_NO_EXTENSION" in r.stdout
+    assert "STEP: fusedopt: the compiled extension is disabled" in r.stdout
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+def test_torch_version_mismatch_is_reported_not_an_undefined_symbol():
+    r = _run("""
+        import warnings, torch
+        torch.__version__ = "1.0.0"  # as if torch were upgraded after the build
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fusedopt
+        print(fusedopt.extension_available(), fusedopt.extension_error())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False")
+    assert "was built against torch" in r.stdout and "but torch 1.0.0 is running" in r.stdout
+    assert "Rebuild fusedopt" in r.stdout
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("cls,ref_cls", [(fusedopt.AdamW, torch.optim.AdamW), (fusedopt.SGD, torch.optim.SGD)])
+def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(model.state_dict())
+    kw = dict(lr=0.01, momentum=0.9) if cls is fusedopt.SGD else dict(lr=0.01)
+    opt, ref_opt = cls(model.parameters(), **kw), ref_cls(ref.parameters(), foreach=False, **kw)
+    compiled_step = torch.compile(opt.step)
+    for _ in range(3):
+        x = torch.randn(16, 8)
+        for m in (model, ref):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        compiled_step()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    model(torch.randn(2, 8)).sum().backward()
+    explanation = torch._dynamo.explain(opt.step)()
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+    ops = [n.target for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("fusedopt" in str(t) for t in ops), ops
