@@ -120,6 +120,7 @@ def extensions_and_cmdclass():
         define_macros.append(("CPU_CAPABILITY", "DEFAULT"))
     sources = [
         f"{CSRC}/module.cpp",
+        f"{CSRC}/eager_entry.cpp",
         f"{CSRC}/ops.cpp",
         f"{CSRC}/step_args.cpp",
         f"{CSRC}/work_list.cpp",

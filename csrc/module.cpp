@@ -11,6 +11,10 @@
 
 namespace py = pybind11;
 
+namespace fusedopt {
+void register_eager_entry(py::module_& m);  // eager_entry.cpp
+}
+
 namespace {
 
 py::dict columns(std::initializer_list<std::pair<const char*, int>> cols) {
@@ -59,6 +63,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("CPU_ISA") = "default";
 #endif
+  register_eager_entry(m);
   m.def("work_list", &work_list, py::arg("numels"), py::arg("chunk_elems"), py::arg("parts"),
         "The fused step's work list: chunks of at most chunk_elems elements per tensor, and "
         "the bounds that split them into `parts` ranges of nearly equal element count.");

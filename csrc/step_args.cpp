@@ -48,6 +48,11 @@ void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tenso
   return t.data_ptr();
 }
 
+// Custom ops get no version-counter bump from the dispatcher (ADInplaceOrView falls through),
+// so the update bumps what it writes, as torch's in-place ops do: autograd then refuses a
+// backward through values the step has changed instead of computing wrong gradients.
+void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
 void check_param(const char* op, int64_t i, const at::Tensor& p) {
   TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
   TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] is not a dense tensor");
@@ -189,7 +194,9 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
                 " but params[0] is on ", out.device, "; call the op once per device");
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
     s.param = p.data_ptr();
+    bump_version(p);
     s.grad = companion_ptr(op, "grads", i, grads[i], p);
+    if (grad_scale.has_value()) bump_version(grads[i]);
     s.state0 = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p);
     s.state1 = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p);
     s.numel = p.numel();
@@ -244,7 +251,9 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                 " but params[0] is on ", out.device, "; call the op once per device");
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
     s.param = p.data_ptr();
+    bump_version(p);
     s.grad = companion_ptr(op, "grads", i, grads[i], p);
+    if (grad_scale.has_value()) bump_version(grads[i]);
     s.numel = p.numel();
     s.group = group[static_cast<size_t>(i)];
     s.dtype = elem_of(op, "params", i, p);
@@ -261,7 +270,10 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
               momentum_buffers.size(), " tensors but the groups with momentum hold ", next_buf,
               " params");
   for (const int64_t k : fresh_buffers) {
-    TORCH_CHECK(k >= 0 && k < n && out.tensors[static_cast<size_t>(k)].state0 != nullptr, op,
+    // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
+    TORCH_CHECK(k >= 0 && k < n &&
+                    out.at(out.tensors[static_cast<size_t>(k)].group, sgd_col::momentum) != 0.0,
+                op,
                 ": fresh_buffers names params[", k, "], which has no momentum buffer");
     out.tensors[static_cast<size_t>(k)].fresh = true;
   }

@@ -83,3 +83,17 @@ def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
     assert explanation.graph_count == 1
     ops = [n.target for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("fusedopt" in str(t) for t in ops), ops
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam, torch.optim.SGD])
+def test_step_between_forward_and_backward_is_refused_like_torch(cls):
+    # torch's in-place updates bump version counters, so autograd refuses a backward through
+    # weights the step changed; fusedopt's fused update must too (not silently wrong grads).
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = cls(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    loss = model(torch.randn(3, 4)).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -22,13 +22,15 @@ from torch import Tensor
 from fusedopt._extension import require
 
 _is_none = partial(operator.is_, None)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)\]")
 
 
 class _Batch:
     """What one op call on one device needs, ordered group by group."""
 
-    __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra")
+    __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra", "plain",
+                 "state_params", "state_dicts")
 
     def __init__(self, device: torch.device, num_groups: int):
         self.device = device
@@ -38,6 +40,10 @@ class _Batch:
         self.origin: list[tuple[int, int]] = []  # (group index, index in group['params'])
         self.complex_idx: list[int] = []
         self.extra: list = []  # per-optimizer per-entry data (e.g. has an amsgrad buffer)
+        self.plain = True  # every param a plain Tensor/Parameter: the eager fast entry applies
+        # The params that keep state, and their state dicts as self.state held them at build time.
+        self.state_params: list[Tensor] = []
+        self.state_dicts: list[dict] = []
 
 
 class _Plan:
@@ -86,6 +92,16 @@ class FusedStepMixin:
         (``fusedopt.lr_scheduler.in_kernel``), else ``"host"`` (group lrs are read as set)."""
         return "host" if self._kernel_schedule is None else "in-kernel"
 
+    @staticmethod
+    def _call_op(name: str, batch: _Batch, args: tuple, sched: dict) -> None:
+        """One op call: the eager fast entry for plain tensors (same op, same dispatcher
+        routing, without boxing 10,000-element lists), torch.ops otherwise (torch.compile,
+        tensor subclasses)."""
+        if batch.plain and not torch.compiler.is_compiling():
+            getattr(require(), f"{name}_step")(*args, sched["schedule_state"], sched.get("schedule"))
+        else:
+            getattr(torch.ops.fusedopt, f"{name}_")(*args, **sched)
+
     def _schedule_args(self, rows: list[dict]) -> dict:
         """Adds the in-kernel schedule's columns to the hyper rows; the op's schedule kwargs."""
         if self._kernel_schedule is None:
@@ -98,9 +114,10 @@ class FusedStepMixin:
     def __setstate__(self, state) -> None:
         # pickling and deepcopy keep only defaults, state and param_groups (torch's
         # __getstate__); the plan and the schedule hookup are rebuilt or re-attached.
+        # load_state_dict goes through here too: keep an attached schedule on the same object.
         super().__setstate__(state)
         self._plan = None
-        self._kernel_schedule = None
+        self._kernel_schedule = getattr(self, "_kernel_schedule", None)
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         """The state dict a param's step uses (accessing self.state[p] creates the entry)."""
@@ -136,8 +153,13 @@ class FusedStepMixin:
                 batch = batches.get(p.device)
                 if batch is None:
                     batch = batches[p.device] = _Batch(p.device, n)
+                if state:
+                    batch.state_params.append(p)
+                    batch.state_dicts.append(state)
                 if torch.is_complex(p):
                     batch.complex_idx.append(len(batch.params))
+                if type(p) not in _PLAIN_TYPES:
+                    batch.plain = False
                 batch.params.append(p)
                 batch.states.append(state)
                 batch.group_sizes[gi] += 1
@@ -156,8 +178,12 @@ class FusedStepMixin:
             if plan is None or plan.signature != signature or attempt == 1:
                 plan = self._plan = self._build_plan(signature)
             grads = [[p.grad for p in b.params] for b in plan.batches]
-            stale = any(any(map(_is_none, g)) for g in grads) or any(
-                p.grad is not None for p in plan.without_grad
+            stale = (
+                any(any(map(_is_none, g)) for g in grads)
+                or any(p.grad is not None for p in plan.without_grad)
+                # state replaced (opt.state[p] = ...) or cleared (opt.state.clear(),
+                # opt.state[p].clear()) since the plan was built: re-initialise like torch
+                or any(not _same_dicts(self.state, b) for b in plan.batches)
             )
             if not stale:
                 return plan, grads
@@ -189,6 +215,12 @@ class FusedStepMixin:
             except (RuntimeError, TypeError, ValueError) as e:
                 raise _locate(e, batch) from None
         return loss
+
+
+def _same_dicts(state, batch: _Batch) -> bool:
+    """Whether the state dicts of the batch are still self.state's, and none was emptied."""
+    current = map(state.get, batch.state_params)
+    return all(map(operator.is_, current, batch.state_dicts)) and all(batch.state_dicts)
 
 
 def _on_device(t: Tensor | None, device: torch.device) -> Tensor | None:

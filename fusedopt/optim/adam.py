@@ -67,7 +67,7 @@ class _FusedAdamStep(FusedStepMixin):
         max_sqs = [s["max_exp_avg_sq"] for s, ams in zip(states, batch.extra) if ams]
         if cidx:
             max_sqs = [torch.view_as_real(t) if t.is_complex() else t for t in max_sqs]
-        torch.ops.fusedopt.adam_(
+        self._call_op("adam", batch, (
             real_views(batch.params, cidx),
             grads,
             real_views([s["exp_avg"] for s in states], cidx),
@@ -79,8 +79,7 @@ class _FusedAdamStep(FusedStepMixin):
             lr_tensors,
             grad_scale,
             found_inf,
-            **sched,
-        )
+        ), sched)
 
 
 class Adam(_FusedAdamStep, torch.optim.Adam):

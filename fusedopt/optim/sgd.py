@@ -32,7 +32,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._fresh = {}
+        self._fresh = getattr(self, "_fresh", {})
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         # like torch, SGD without momentum keeps no state entry at all
@@ -69,9 +69,9 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         cidx = batch.complex_idx
         if cidx:
             bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
-        torch.ops.fusedopt.sgd_(
+        self._call_op("sgd", batch, (
             real_views(batch.params, cidx), grads, bufs, batch.group_sizes,
-            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf, **sched)
+            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf), sched)
         if fresh_bufs:
             skipped = _skipped(found_inf)
             for i, b in zip(fresh, fresh_bufs):

@@ -1,0 +1,146 @@
+"""``python -m fusedopt.bench`` / ``fusedopt-bench``: fusedopt vs torch.optim step benchmark.
+
+Examples::
+
+    fusedopt-bench                                  # defaults: CPU + every GPU, fp32, 4 presets
+    fusedopt-bench --quick --out /tmp/bench         # tiny sizes, seconds; writes json/md/png
+    fusedopt-bench --devices cuda --dtypes fp32 bf16 --optimizers adam adamw --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from fusedopt.bench.optimizers import DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS
+from fusedopt.bench.presets import DEFAULT_PRESETS, PRESETS
+from fusedopt.bench.runner import DTYPES, BenchConfig, run
+
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+                  "float64": "fp64", "double": "fp64"}
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def _choose(kind: str, given: list[str], allowed) -> list[str]:
+    bad = [g for g in given if g not in allowed]
+    if bad:
+        raise SystemExit(f"fusedopt-bench: unknown {kind} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(given))
+
+
+def _devices(given: list[str] | None) -> list[str]:
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [f"cuda:{i}" for i in range(n_gpu)]
+    if not given:
+        return ["cpu"] + gpus
+    out = []
+    for d in given:
+        if d == "all":
+            out += ["cpu"] + gpus
+        elif d == "cuda":
+            if not gpus:
+                raise SystemExit("fusedopt-bench: --devices cuda but no CUDA device is visible")
+            out += gpus
+        elif d == "cpu":
+            out.append("cpu")
+        elif d.startswith("cuda:"):
+            idx = int(d.split(":", 1)[1])
+            if idx >= n_gpu:
+                raise SystemExit(f"fusedopt-bench: {d} is not visible ({n_gpu} CUDA devices)")
+            out.append(d)
+        else:
+            raise SystemExit(f"fusedopt-bench: unknown device {d!r} (cpu, cuda, cuda:N, all)")
+    return list(dict.fromkeys(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fusedopt-bench",
+        description="Time one optimizer step of fusedopt SGD/Adam/AdamW against torch.optim's for-loop, "
+                    "foreach and fused implementations on model-shaped parameter lists.",
+        epilog="List flags take space- or comma-separated values. Effective GB/s counts the bytes the "
+               "update must move (Adam 7 x elem size per element, SGD+momentum 5x, plain SGD 3x); "
+               "see fusedopt/bench/bytes_model.py.",
+    )
+    p.add_argument("--presets", nargs="+", metavar="P",
+                   help=f"parameter-list presets (default: {' '.join(DEFAULT_PRESETS)}; choices: {', '.join(PRESETS)})")
+    p.add_argument("--devices", nargs="+", metavar="D",
+                   help="cpu, cuda (all GPUs), cuda:N, all (default: cpu and every visible GPU)")
+    p.add_argument("--dtypes", nargs="+", metavar="T", help=f"{', '.join(DTYPES)} (default: fp32)")
+    p.add_argument("--optimizers", nargs="+", metavar="O",
+                   help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; choices: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--impls", nargs="+", metavar="I",
+                   help=f"default: all of {', '.join(IMPLS)} (graph variants only on CUDA); naming them "
+                        "explicitly also disables the default skips")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed steps per cell (default: auto - at least 3, until ~--budget seconds, "
+                        "at most 15 on CPU / 100 on GPU)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
+    p.add_argument("--budget", type=float, default=0.6,
+                   help="auto reps: seconds of timed steps per cell (default: 0.6)")
+    p.add_argument("--seed", type=int, default=0, help="torch.Generator seed for params/grads (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.md, results.png here")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny presets, 1 warm-up, 3 reps: a smoke test that finishes in seconds")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    presets = _choose("preset", _split(args.presets) or list(DEFAULT_PRESETS), PRESETS)
+    dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])], DTYPES)
+    optimizers = _choose("optimizer", _split(args.optimizers) or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)
+    impls_explicit = args.impls is not None
+    impls = _choose("impl", _split(args.impls) or list(IMPLS), IMPLS)
+    if "fusedopt" not in impls and "fusedopt-graph" not in impls:
+        print("fusedopt-bench: note: no fusedopt implementation selected, so no speedups", file=sys.stderr)
+    if args.reps is not None and args.reps < 1:
+        raise SystemExit("fusedopt-bench: --reps must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("fusedopt-bench: --warmup must be >= 0")
+    cfg = BenchConfig(
+        presets=presets, devices=_devices(_split(args.devices)), dtypes=dtypes, optimizers=optimizers,
+        impls=impls, impls_explicit=impls_explicit, reps=args.reps, warmup=args.warmup,
+        budget_s=args.budget, seed=args.seed, quick=args.quick,
+    )
+    if args.quick:
+        cfg.warmup = min(cfg.warmup, 1)
+        cfg.reps = cfg.reps or 3
+
+    from fusedopt.bench.optimizers import fusedopt_classes
+    from fusedopt.bench.report import format_table, write_results
+
+    _cls, desc, reason = fusedopt_classes()
+    if reason:
+        print(f"fusedopt-bench: WARNING: {reason}; fusedopt rows will be n/a", file=sys.stderr)
+    elif desc.startswith("STAND-IN"):
+        print(f"fusedopt-bench: WARNING: 'fusedopt' rows use a {desc}", file=sys.stderr)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if "cpu" in cfg.devices and load > 0.5:
+        print(f"fusedopt-bench: WARNING: load average {load:.2f}: something else is using the CPU; "
+              "CPU timings will be noisy", file=sys.stderr)
+    t0 = time.perf_counter()
+    res = run(cfg, progress=not args.no_progress)
+    print(format_table(res))
+    if args.out:
+        paths = write_results(res, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
