@@ -75,6 +75,7 @@ class FusedStepMixin:
 
     # GradScaler hands us grad_scale / found_inf; unscaling and the skip happen in the kernel.
     _step_supports_amp_scaling = True
+    _sparse_hint = "please consider SparseAdam instead"
 
     def _fused_init(self) -> None:
         if any(g.get("differentiable") for g in self.param_groups):
@@ -145,8 +146,8 @@ class FusedStepMixin:
                 where = f"param_groups[{gi}]['params'][{k}]"
                 if grad.is_sparse:
                     raise RuntimeError(
-                        f"fusedopt.{name} does not support sparse gradients ({where} has one), "
-                        "please consider SparseAdam instead"
+                        f"fusedopt.{name} does not support sparse gradients ({where} has one); "
+                        + self._sparse_hint
                     )
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)

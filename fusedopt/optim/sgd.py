@@ -30,6 +30,8 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         # id(buffer) -> buffer for momentum buffers never written yet (kept alive so ids stay unique).
         self._fresh: dict[int, Tensor] = {}
 
+    _sparse_hint = "torch.optim.SGD (foreach=False) steps sparse gradients"
+
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._fresh = getattr(self, "_fresh", {})
