@@ -1,11 +1,12 @@
 // The eager fast path from Python into the fused ops.
 //
 // torch.ops.fusedopt.* boxes every list element into an IValue, walks the boxed autograd
-// fallback, then unboxes into fresh vectors: with 10,000 params that costs more than the
-// update. These entry points unpack the Python lists once and make the same typed, unboxed
-// dispatcher call below the autograd keys (the step runs under no_grad and defines no
-// gradient), so the dispatcher still picks the CPU or CUDA kernel. torch.compile and tensor
-// subclasses keep going through torch.ops.
+// fallback, then unboxes into fresh vectors, and the caller must first build those lists in
+// Python: with 10,000 params that costs more than the update. These entry points take the
+// optimizer's cached plan (params and their state dicts), read grads and state tensors here,
+// and make the same typed, unboxed dispatcher call below the autograd keys (the step runs
+// under no_grad and defines no gradient), so the dispatcher still picks the CPU or CUDA kernel.
+// torch.compile, tensor subclasses and complex params keep going through torch.ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
@@ -20,22 +21,6 @@ namespace py = pybind11;
 
 namespace fusedopt {
 namespace {
-
-std::vector<at::Tensor> tensor_list(py::handle list, const char* what) {
-  PyObject* o = list.ptr();
-  if (!PyList_Check(o)) throw py::type_error(std::string(what) + " must be a list of tensors");
-  const Py_ssize_t n = PyList_GET_SIZE(o);
-  std::vector<at::Tensor> out;
-  out.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(o, i);
-    if (!THPVariable_Check(item)) {
-      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
-    }
-    out.push_back(THPVariable_Unpack(item));
-  }
-  return out;
-}
 
 std::optional<at::Tensor> optional_tensor(py::handle obj, const char* what) {
   if (obj.is_none()) return std::nullopt;
@@ -61,55 +46,149 @@ using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, c10::IntArra
                     at::TensorList, c10::IntArrayRef, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&);
 
-void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-               py::handle max_exp_avg_sqs, py::handle state_steps,
-               const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
-               py::handle grad_scale, py::handle found_inf, py::handle schedule_state,
-               py::handle schedule) {
+// Tensors borrowed from Python objects for the length of one call: no refcount traffic (in
+// torch 2.14 the first C++ reference to a Python-owned tensor also increfs its PyObject),
+// released without a decref, exactly as c10::MaybeOwned borrows. The GIL stays held for the
+// call, so nothing the borrows point at can be freed underneath them.
+class Borrowed {
+ public:
+  explicit Borrowed(size_t reserve = 0) { v_.reserve(reserve); }
+  Borrowed(const Borrowed&) = delete;
+  Borrowed& operator=(const Borrowed&) = delete;
+  ~Borrowed() {
+    for (auto& t : v_) t.unsafeReleaseTensorImpl();
+  }
+  void push(const at::Tensor& t) {
+    v_.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(
+        t.unsafeGetTensorImpl()));
+  }
+  void push_list(py::handle list, const char* what) {
+    PyObject* o = list.ptr();
+    if (!PyList_Check(o)) throw py::type_error(std::string(what) + " must be a list of tensors");
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); ++i) {
+      PyObject* item = PyList_GET_ITEM(o, i);
+      if (!THPVariable_Check(item)) {
+        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
+      }
+      push(THPVariable_Unpack(item));
+    }
+  }
+  operator at::TensorList() const { return v_; }
+
+ private:
+  std::vector<at::Tensor> v_;
+};
+
+// Reads what one op call needs straight from the plan: each param's .grad and its state
+// dict's tensors. Returns false, having changed nothing, when a param has no grad or a state
+// entry is missing: the caller rebuilds its plan (lazy state, params gaining or losing grads).
+class PlanReader {
+ public:
+  PlanReader(py::handle params, py::handle states, py::handle flags)
+      : params_(params.ptr()), states_(states.ptr()), flags_(flags.ptr()) {
+    if (!PyList_Check(params_) || !PyList_Check(states_) || !PyList_Check(flags_) ||
+        PyList_GET_SIZE(states_) != PyList_GET_SIZE(params_) ||
+        PyList_GET_SIZE(flags_) != PyList_GET_SIZE(params_)) {
+      throw py::type_error("params, states and flags must be lists of the same length");
+    }
+  }
+  Py_ssize_t size() const { return PyList_GET_SIZE(params_); }
+  bool flag(Py_ssize_t i) const { return PyObject_IsTrue(PyList_GET_ITEM(flags_, i)) == 1; }
+
+  // false: no grad
+  bool param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
+    PyObject* p = PyList_GET_ITEM(params_, i);
+    if (!THPVariable_Check(p)) throw py::type_error("params[" + std::to_string(i) + "] is not a tensor");
+    const at::Tensor& t = THPVariable_Unpack(p);
+    const at::Tensor& g = t.grad();
+    if (!g.defined()) return false;
+    params.push(t);
+    grads.push(g);
+    return true;
+  }
+  // false: the key is missing (or holds no tensor)
+  bool state(Py_ssize_t i, PyObject* key, Borrowed& out) {
+    PyObject* d = PyList_GET_ITEM(states_, i);
+    PyObject* v = PyDict_Check(d) ? PyDict_GetItem(d, key) : nullptr;  // borrowed
+    if (v == nullptr || !THPVariable_Check(v)) return false;
+    out.push(THPVariable_Unpack(v));
+    return true;
+  }
+
+ private:
+  PyObject* params_;
+  PyObject* states_;
+  PyObject* flags_;
+};
+
+PyObject* interned(const char* s) {
+  return PyUnicode_InternFromString(s);  // kept for the life of the process
+}
+
+bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_flags,
+                    const std::vector<int64_t>& group_sizes, py::handle hyper,
+                    py::handle lr_tensors, py::handle grad_scale, py::handle found_inf,
+                    py::handle schedule_state, py::handle schedule) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedopt::adam_", "")
                              .typed<AdamSig>();
-  const auto p = tensor_list(params, "params"), g = tensor_list(grads, "grads");
-  const auto m = tensor_list(exp_avgs, "exp_avgs"), v = tensor_list(exp_avg_sqs, "exp_avg_sqs");
-  const auto vm = tensor_list(max_exp_avg_sqs, "max_exp_avg_sqs");
-  const auto st = tensor_list(state_steps, "state_steps"), lrs = tensor_list(lr_tensors, "lr_tensors");
-  const auto sched_state = tensor_list(schedule_state, "schedule_state");
+  static PyObject* const k_exp_avg = interned("exp_avg");
+  static PyObject* const k_exp_avg_sq = interned("exp_avg_sq");
+  static PyObject* const k_max = interned("max_exp_avg_sq");
+  static PyObject* const k_step = interned("step");
+  PlanReader plan(params, states, amsgrad_flags);
+  const auto n = static_cast<size_t>(plan.size());
+  Borrowed p(n), g(n), m(n), v(n), vm, st(n), lrs, sched_state;
+  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
+    if (!plan.param_and_grad(i, p, g) || !plan.state(i, k_exp_avg, m) ||
+        !plan.state(i, k_exp_avg_sq, v) || !plan.state(i, k_step, st) ||
+        (plan.flag(i) && !plan.state(i, k_max, vm))) {
+      return false;
+    }
+  }
+  lrs.push_list(lr_tensors, "lr_tensors");
+  sched_state.push_list(schedule_state, "schedule_state");
   const at::Tensor h = tensor(hyper, "hyper");
   const auto gs = optional_tensor(grad_scale, "grad_scale"), fi = optional_tensor(found_inf, "found_inf");
   const auto sched = optional_tensor(schedule, "schedule");
-  py::gil_scoped_release no_gil;
   BelowAutograd below;
   op.call(p, g, m, v, vm, st, group_sizes, h, lrs, gs, fi, sched_state, sched);
+  return true;
 }
 
-void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers,
-              const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
-              const std::vector<int64_t>& fresh_buffers, py::handle grad_scale, py::handle found_inf,
-              py::handle schedule_state, py::handle schedule) {
+bool sgd_plan_step(py::handle params, py::handle states, py::handle momentum_flags,
+                   const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
+                   const std::vector<int64_t>& fresh_buffers, py::handle grad_scale,
+                   py::handle found_inf, py::handle schedule_state, py::handle schedule) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedopt::sgd_", "")
                              .typed<SgdSig>();
-  const auto p = tensor_list(params, "params"), g = tensor_list(grads, "grads");
-  const auto b = tensor_list(momentum_buffers, "momentum_buffers");
-  const auto lrs = tensor_list(lr_tensors, "lr_tensors");
-  const auto sched_state = tensor_list(schedule_state, "schedule_state");
+  static PyObject* const k_buf = interned("momentum_buffer");
+  PlanReader plan(params, states, momentum_flags);
+  const auto n = static_cast<size_t>(plan.size());
+  Borrowed p(n), g(n), b(n), lrs, sched_state;
+  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
+    if (!plan.param_and_grad(i, p, g) || (plan.flag(i) && !plan.state(i, k_buf, b))) return false;
+  }
+  lrs.push_list(lr_tensors, "lr_tensors");
+  sched_state.push_list(schedule_state, "schedule_state");
   const at::Tensor h = tensor(hyper, "hyper");
   const auto gs = optional_tensor(grad_scale, "grad_scale"), fi = optional_tensor(found_inf, "found_inf");
   const auto sched = optional_tensor(schedule, "schedule");
-  py::gil_scoped_release no_gil;
   BelowAutograd below;
   op.call(p, g, b, group_sizes, h, lrs, fresh_buffers, gs, fi, sched_state, sched);
+  return true;
 }
 
 }  // namespace
 
 void register_eager_entry(py::module_& m) {
-  m.def("adam_step", &adam_step,
-        "torch.ops.fusedopt.adam_ for eager plain tensors, without boxing (same arguments; "
-        "schedule_state and schedule positional).");
-  m.def("sgd_step", &sgd_step,
-        "torch.ops.fusedopt.sgd_ for eager plain tensors, without boxing (same arguments; "
-        "schedule_state and schedule positional).");
+  m.def("adam_plan_step", &adam_plan_step,
+        "torch.ops.fusedopt.adam_ on a plan (params, their state dicts, amsgrad flags): grads and "
+        "state tensors are read here, without boxing. False, with nothing changed: the plan is stale.");
+  m.def("sgd_plan_step", &sgd_plan_step,
+        "torch.ops.fusedopt.sgd_ on a plan (params, their state dicts, momentum flags). False, "
+        "with nothing changed: the plan is stale.");
 }
 
 }  // namespace fusedopt

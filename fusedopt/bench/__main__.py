@@ -10,7 +10,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -18,7 +17,8 @@ import torch
 
 from fusedopt.bench.optimizers import DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS
 from fusedopt.bench.presets import DEFAULT_PRESETS, PRESETS
-from fusedopt.bench.runner import DTYPES, BenchConfig, run
+from fusedopt.bench.runner import BUSY_WARN, DTYPES, BenchConfig, run
+from fusedopt.bench.sysinfo import other_cpu_busy
 
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                   "float64": "fp64", "double": "fp64"}
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusedopt-bench: WARNING: {reason}; fusedopt rows will be n/a", file=sys.stderr)
     elif desc.startswith("STAND-IN"):
         print(f"fusedopt-bench: WARNING: 'fusedopt' rows use a {desc}", file=sys.stderr)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if "cpu" in cfg.devices and load > 0.5:
-        print(f"fusedopt-bench: WARNING: load average {load:.2f}: something else is using the CPU; "
+    busy = other_cpu_busy()
+    if "cpu" in cfg.devices and busy is not None and busy > BUSY_WARN:
+        print(f"fusedopt-bench: WARNING: other processes are using {busy:.0%} of the CPU; "
               "CPU timings will be noisy", file=sys.stderr)
     t0 = time.perf_counter()
     res = run(cfg, progress=not args.no_progress)

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,28 @@ def git_commit() -> dict:
     return out
 
 
+def other_cpu_busy(interval: float = 0.5) -> float | None:
+    """Fraction (0-1) of all CPU time used during ``interval`` seconds while this process sleeps,
+    i.e. by *other* processes, from /proc/stat (Linux); None where that is not available.
+
+    Unlike the load average (a one-minute moving average), this sees the present.
+    """
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = t1 - t0
+    return max(0.0, (total - (i1 - i0)) / total) if total > 0 else None
+
+
 def environment() -> dict:
     try:
         import fusedopt
@@ -71,6 +94,7 @@ def environment() -> dict:
         "fusedopt_extension_available": ext,
         "git": git_commit(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "other_cpu_busy_at_start": other_cpu_busy(),
         "cpu": cpu_name(),
         "cuda_devices": [device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections import defaultdict
 from functools import partial
 
 import torch
@@ -24,6 +25,41 @@ from fusedopt._extension import require
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)\]")
+
+
+class _TrackedState(defaultdict):
+    """``optimizer.state`` that counts the changes a cached plan must notice (a param's state
+    dict assigned, deleted, or the whole state cleared), so checking it costs O(1) per step
+    instead of one Tensor.__hash__ (a Python call) per param."""
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def _changed(name):  # noqa: N805 - a decorator factory used in the class body
+        def method(self, *args, **kwargs):
+            self.version += 1
+            return getattr(defaultdict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    clear = _changed("clear")
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    update = _changed("update")
+    setdefault = _changed("setdefault")
+    del _changed
+
+    def __reduce__(self):  # pickles (torch.save(optimizer), deepcopy) as a plain defaultdict
+        return (defaultdict, (dict,), None, None, iter(self.items()))
 
 
 class _Batch:
@@ -70,7 +106,8 @@ class FusedStepMixin:
     """Mixed in before a torch.optim class: replaces its step with one fused op call per device.
 
     Subclasses define ``_structure(group)``, ``_prepare_state(p, group, state)``,
-    ``_entry_extra(group)`` and ``_launch(batch, grads, groups, grad_scale, found_inf)``.
+    ``_entry_extra(group)`` and ``_launch(batch, grad_scale, found_inf) -> bool`` (False: a
+    param lost its grad or a state entry since the plan was built; nothing was changed).
     """
 
     # GradScaler hands us grad_scale / found_inf; unscaling and the skip happen in the kernel.
@@ -92,16 +129,6 @@ class FusedStepMixin:
         """``"in-kernel"`` when a schedule was handed to the fused kernel
         (``fusedopt.lr_scheduler.in_kernel``), else ``"host"`` (group lrs are read as set)."""
         return "host" if self._kernel_schedule is None else "in-kernel"
-
-    @staticmethod
-    def _call_op(name: str, batch: _Batch, args: tuple, sched: dict) -> None:
-        """One op call: the eager fast entry for plain tensors (same op, same dispatcher
-        routing, without boxing 10,000-element lists), torch.ops otherwise (torch.compile,
-        tensor subclasses)."""
-        if batch.plain and not torch.compiler.is_compiling():
-            getattr(require(), f"{name}_step")(*args, sched["schedule_state"], sched.get("schedule"))
-        else:
-            getattr(torch.ops.fusedopt, f"{name}_")(*args, **sched)
 
     def _schedule_args(self, rows: list[dict]) -> dict:
         """Adds the in-kernel schedule's columns to the hyper rows; the op's schedule kwargs."""
@@ -127,8 +154,11 @@ class FusedStepMixin:
     # -- plan --------------------------------------------------------------------------------
 
     def _signature(self):
+        if type(self.state) is not _TrackedState:  # new after __init__ / load_state_dict
+            self.state = _TrackedState(self.state)
         return (
             id(self.state),
+            self.state.version,
             tuple((id(g["params"]), len(g["params"]), self._structure(g)) for g in self.param_groups),
         )
 
@@ -168,27 +198,29 @@ class FusedStepMixin:
                 batch.extra.append(self._entry_extra(group))
         return _Plan(signature, list(batches.values()), without_grad)
 
-    def _current_plan(self) -> tuple[_Plan, list[list[Tensor]]]:
-        """The plan for this step and each batch's gradients, rebuilding the plan when needed."""
+    def _current_plan(self) -> _Plan:
+        """The cached plan, rebuilt when its structure may have changed. Grads are checked where
+        they are read (the launch), which reports a param that lost its grad as stale."""
         if torch.compiler.is_compiling():
-            plan = self._build_plan(None)  # traced once; no identity-based caching
-            return plan, [[p.grad for p in b.params] for b in plan.batches]
+            return self._build_plan(None)  # traced once; no identity-based caching
         signature = self._signature()
         plan = self._plan
-        for attempt in range(2):
-            if plan is None or plan.signature != signature or attempt == 1:
-                plan = self._plan = self._build_plan(signature)
-            grads = [[p.grad for p in b.params] for b in plan.batches]
-            stale = (
-                any(any(map(_is_none, g)) for g in grads)
-                or any(p.grad is not None for p in plan.without_grad)
-                # state replaced (opt.state[p] = ...) or cleared (opt.state.clear(),
-                # opt.state[p].clear()) since the plan was built: re-initialise like torch
-                or any(not _same_dicts(self.state, b) for b in plan.batches)
-            )
-            if not stale:
-                return plan, grads
-        return plan, grads  # unreachable: a fresh plan is never stale
+        if (
+            plan is None
+            or plan.signature != signature
+            or any(p.grad is not None for p in plan.without_grad)
+            # a param's state dict emptied in place (opt.state[p].clear()): re-initialise
+            # like torch (assignments and opt.state.clear() change the signature)
+            or not all(all(b.state_dicts) for b in plan.batches)
+        ):
+            plan = self._plan = self._build_plan(signature)
+        return plan
+
+    @staticmethod
+    def _use_plan_entry(batch: _Batch) -> bool:
+        """The eager fast entry reads grads and state from the plan in C++; torch.compile, tensor
+        subclasses and complex params (real views) go through torch.ops with Python lists."""
+        return batch.plain and not batch.complex_idx and not torch.compiler.is_compiling()
 
     # -- step --------------------------------------------------------------------------------
 
@@ -205,23 +237,28 @@ class FusedStepMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, grads = self._current_plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for batch, batch_grads in zip(plan.batches, grads):
-            gs = _on_device(grad_scale, batch.device)
-            fi = _on_device(found_inf, batch.device)
-            try:
-                self._launch(batch, real_views(batch_grads, batch.complex_idx), gs, fi)
-            except (RuntimeError, TypeError, ValueError) as e:
-                raise _locate(e, batch) from None
-        return loss
-
-
-def _same_dicts(state, batch: _Batch) -> bool:
-    """Whether the state dicts of the batch are still self.state's, and none was emptied."""
-    current = map(state.get, batch.state_params)
-    return all(map(operator.is_, current, batch.state_dicts)) and all(batch.state_dicts)
+        plan = self._current_plan()
+        done: set[torch.device] = set()
+        for _ in range(2):
+            stale = False
+            for batch in plan.batches:
+                if batch.device in done:
+                    continue
+                try:
+                    ran = self._launch(batch, _on_device(grad_scale, batch.device),
+                                       _on_device(found_inf, batch.device))
+                except (RuntimeError, TypeError, ValueError) as e:
+                    raise _locate(e, batch) from None
+                if not ran:  # a param lost its grad or a state entry since the plan was built
+                    stale = True
+                    break
+                done.add(batch.device)
+            if not stale:
+                return loss
+            plan = self._plan = self._build_plan(self._signature())
+        raise RuntimeError("fusedopt: the params' grads changed while the step ran")
 
 
 def _on_device(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from fusedopt.ops import ADAM_COLUMNS, _lr_entry, hyper_table
-from fusedopt.optim._fused import FusedStepMixin, _Batch, real_views
+from fusedopt._extension import require
+from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, real_views
 
 
 def _new_step(p: Tensor) -> Tensor:
@@ -51,7 +52,7 @@ class _FusedAdamStep(FusedStepMixin):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _launch(self, batch: _Batch, grads, grad_scale, found_inf) -> None:
+    def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
         lr_tensors: list[Tensor] = []
         rows = []
         for group in self.param_groups:
@@ -62,24 +63,34 @@ class _FusedAdamStep(FusedStepMixin):
                              maximize=group["maximize"],
                              decoupled=group["decoupled_weight_decay"], lr_index=lr_index))
         sched = self._schedule_args(rows)
+        hyper = hyper_table(rows, ADAM_COLUMNS)
+        if self._use_plan_entry(batch):
+            return require().adam_plan_step(
+                batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
+                grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"))
+        grads = [p.grad for p in batch.params]
+        if any(map(_is_none, grads)):
+            return False
         states = batch.states
         cidx = batch.complex_idx
         max_sqs = [s["max_exp_avg_sq"] for s, ams in zip(states, batch.extra) if ams]
         if cidx:
             max_sqs = [torch.view_as_real(t) if t.is_complex() else t for t in max_sqs]
-        self._call_op("adam", batch, (
+        torch.ops.fusedopt.adam_(
             real_views(batch.params, cidx),
-            grads,
+            real_views(grads, cidx),
             real_views([s["exp_avg"] for s in states], cidx),
             real_views([s["exp_avg_sq"] for s in states], cidx),
             max_sqs,
             [s["step"] for s in states],
             batch.group_sizes,
-            hyper_table(rows, ADAM_COLUMNS),
+            hyper,
             lr_tensors,
             grad_scale,
             found_inf,
-        ), sched)
+            **sched,
+        )
+        return True
 
 
 class Adam(_FusedAdamStep, torch.optim.Adam):

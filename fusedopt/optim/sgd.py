@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from fusedopt.ops import SGD_COLUMNS, _lr_entry, hyper_table
-from fusedopt.optim._fused import FusedStepMixin, _Batch, real_views
+from fusedopt._extension import require
+from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, real_views
 
 
 class SGD(FusedStepMixin, torch.optim.SGD):
@@ -51,7 +52,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
             buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             self._fresh[id(buf)] = buf
 
-    def _launch(self, batch: _Batch, grads, grad_scale, found_inf) -> None:
+    def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
         lr_tensors: list[Tensor] = []
         rows = []
         for group in self.param_groups:
@@ -60,20 +61,32 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                              maximize=group["maximize"], lr_index=lr_index))
         sched = self._schedule_args(rows)
-        bufs = [s["momentum_buffer"] for s, has in zip(batch.states, batch.extra) if has]
+        hyper = hyper_table(rows, SGD_COLUMNS)
         fresh: list[int] = []
         fresh_bufs: list[Tensor] = []
         if self._fresh:
             for i, (s, has) in enumerate(zip(batch.states, batch.extra)):
-                if has and self._fresh.get(id(s["momentum_buffer"])) is s["momentum_buffer"]:
+                buf = s.get("momentum_buffer") if has else None
+                if buf is not None and self._fresh.get(id(buf)) is buf:
                     fresh.append(i)
-                    fresh_bufs.append(s["momentum_buffer"])
-        cidx = batch.complex_idx
-        if cidx:
-            bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
-        self._call_op("sgd", batch, (
-            real_views(batch.params, cidx), grads, bufs, batch.group_sizes,
-            hyper_table(rows, SGD_COLUMNS), lr_tensors, fresh, grad_scale, found_inf), sched)
+                    fresh_bufs.append(buf)
+        if self._use_plan_entry(batch):
+            ran = require().sgd_plan_step(
+                batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
+                fresh, grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"))
+            if not ran:
+                return False
+        else:
+            grads = [p.grad for p in batch.params]
+            if any(map(_is_none, grads)):
+                return False
+            cidx = batch.complex_idx
+            bufs = [s["momentum_buffer"] for s, has in zip(batch.states, batch.extra) if has]
+            if cidx:
+                bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
+            torch.ops.fusedopt.sgd_(
+                real_views(batch.params, cidx), real_views(grads, cidx), bufs, batch.group_sizes,
+                hyper, lr_tensors, fresh, grad_scale, found_inf, **sched)
         if fresh_bufs:
             skipped = _skipped(found_inf)
             for i, b in zip(fresh, fresh_bufs):
@@ -87,6 +100,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                         self.state.pop(batch.params[i], None)
             if skipped:
                 self._plan = None
+        return True
 
 
 def _skipped(found_inf: Tensor | None) -> bool:
