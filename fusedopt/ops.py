@@ -54,7 +54,9 @@ def _by_device(params: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     return out
 
 
-def _amp_for(t: Tensor | None, device: torch.device) -> Tensor | None:
+def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """A GradScaler tensor (grad_scale / found_inf) for the op call of one device: CPU scalars
+    are read by any kernel, device scalars are moved without a sync."""
     if t is None or t.device == device or t.device.type == "cpu":
         return t
     return t.to(device, non_blocking=True)
@@ -107,7 +109,7 @@ def adam(
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
             [state_steps[i] for i in idx], [len(idx)], hyper_table([row], ADAM_COLUMNS),
-            lr_tensors, _amp_for(grad_scale, dev), _amp_for(found_inf, dev), schedule_state=[])
+            lr_tensors, on_device(grad_scale, dev), on_device(found_inf, dev), schedule_state=[])
 
 
 def sgd(
@@ -146,5 +148,5 @@ def sgd(
                 bufs.append(momentum_buffer_list[i])
         torch.ops.fusedopt.sgd_(
             [params[i] for i in idx], [grads[i] for i in idx], bufs, [len(idx)],
-            hyper_table([row], SGD_COLUMNS), lr_tensors, fresh, _amp_for(grad_scale, dev),
-            _amp_for(found_inf, dev), schedule_state=[])
+            hyper_table([row], SGD_COLUMNS), lr_tensors, fresh, on_device(grad_scale, dev),
+            on_device(found_inf, dev), schedule_state=[])

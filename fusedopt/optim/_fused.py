@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fusedopt._extension import require
+from fusedopt.ops import on_device
 
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -247,8 +248,8 @@ class FusedStepMixin:
                 if batch.device in done:
                     continue
                 try:
-                    ran = self._launch(batch, _on_device(grad_scale, batch.device),
-                                       _on_device(found_inf, batch.device))
+                    ran = self._launch(batch, on_device(grad_scale, batch.device),
+                                       on_device(found_inf, batch.device))
                 except (RuntimeError, TypeError, ValueError) as e:
                     raise _locate(e, batch) from None
                 if not ran:  # a param lost its grad or a state entry since the plan was built
@@ -259,12 +260,6 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
-
-
-def _on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
-    if t is None or t.device == device or t.device.type == "cpu":
-        return t
-    return t.to(device, non_blocking=True)
 
 
 def _locate(e: Exception, batch: _Batch) -> Exception:
