@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
     p.add_argument("--budget", type=float, default=0.6,
                    help="auto reps: seconds of timed steps per cell (default: 0.6)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed steps are taken in this many round-robin passes over the implementations, "
+                        "with a bandwidth sample per pass (default: 3)")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="on CPU, time implementations one after another instead of round-robin "
+                        "(needs only one optimizer state in memory at a time; always so on GPU)")
     p.add_argument("--seed", type=int, default=0, help="torch.Generator seed for params/grads (default: 0)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.md, results.png here")
     p.add_argument("--quick", action="store_true",
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(
         presets=presets, devices=_devices(_split(args.devices)), dtypes=dtypes, optimizers=optimizers,
         impls=impls, impls_explicit=impls_explicit, reps=args.reps, warmup=args.warmup,
-        budget_s=args.budget, seed=args.seed, quick=args.quick,
+        budget_s=args.budget, seed=args.seed, quick=args.quick, rounds=max(1, args.rounds),
+        interleave=False if args.no_interleave else None,
     )
     if args.quick:
         cfg.warmup = min(cfg.warmup, 1)

@@ -202,7 +202,7 @@ def plot_results(res: dict, path: str | Path) -> Path:
             if col == 0:
                 ax.set_title(f"{pre}  ({dev}, {dtype}): step time", fontsize=9.5, loc="left", fontweight="bold")
             else:
-                ax.set_title(textwrap.fill(f"% of streaming bandwidth. {note}", 100), fontsize=7.5, loc="left")
+                ax.set_title(textwrap.fill(f"% of streaming bandwidth. {note}", 88), fontsize=7.5, loc="left")
     m = res["meta"]
     bws = "; ".join(f"{d}: {info['bandwidth']['gbps']:.0f} GB/s stream" for d, info in res["devices"].items())
     fig.supxlabel(f"fusedopt vs torch.optim - torch {m.get('torch')}, {m.get('fusedopt_impl')}; {bws}. "

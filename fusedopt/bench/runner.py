@@ -1,13 +1,26 @@
 """The benchmark grid: devices x dtypes x presets x optimizers x implementations.
 
 :func:`run` returns a JSON-ready dict (see :func:`fusedopt.bench.report.write_results`):
-``meta`` (environment, settings), ``bandwidth`` (one streaming reference per device) and
-``results`` (one record per grid cell, including raw per-step timings in milliseconds).
+``meta`` (environment, settings), ``devices`` (name and streaming reference per device),
+``presets``, ``results`` (one record per grid cell, with the raw per-step timings in ms) and
+``notes``.
+
+Interleaving. On a shared machine memory bandwidth drifts by tens of percent over a minute
+(measured here: 30-60 GB/s on the same VM within one run), which would bias whichever
+implementation happened to run during a slow spell. So on the CPU, for each (preset,
+optimizer), every implementation is constructed and warmed up, and then the timed steps are
+taken in ``rounds`` round-robin passes (fusedopt, torch-forloop, torch-foreach, torch-fused,
+fusedopt, ...), with a streaming-reference sample at the start of each round. Drift then hits
+all implementations and the reference alike. This keeps all their optimizer states alive at
+once (4 x the state of one), which is fine for the CPU presets; on a GPU, where the presets
+are sized to the memory and the clocks are steady, implementations run one after the other
+(``interleave=False``).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import time
@@ -19,7 +32,7 @@ import torch
 from fusedopt.bench import sysinfo
 from fusedopt.bench.optimizers import IMPLS, OPTIMIZERS, Unsupported, build_optimizer, fusedopt_classes
 from fusedopt.bench.presets import get_preset, make_params
-from fusedopt.bench.timing import capture_step, stream_bandwidth, synchronize, time_steps
+from fusedopt.bench.timing import StreamReference, capture_step, synchronize, time_steps
 
 __all__ = ["BenchConfig", "DTYPES", "DEFAULT_SKIPS", "run", "plan_cells"]
 
@@ -30,8 +43,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # (device type, preset, impl) -> why it is left out unless --impls names it explicitly.
 DEFAULT_SKIPS = {
     ("cpu", "many-small", "torch-forloop"): (
-        "skipped by default on CPU (10,000 Python-level per-tensor updates, ~0.1-0.4 s/step here, "
-        "which only re-confirms torch-foreach's overhead story); pass --impls to include it"),
+        "skipped by default on CPU to keep the default run under two minutes (10,000 per-tensor "
+        "updates from Python: ~0.1 s/step for SGD, ~0.35 s/step for Adam on a 2-core VM); "
+        "pass --impls to include it"),
 }
 
 
@@ -48,6 +62,8 @@ class BenchConfig:
     budget_s: float = 0.6            # auto reps: timed seconds per cell (CPU)
     min_reps: int = 3
     max_reps: int | None = None      # None: 15 on CPU, 100 on CUDA
+    rounds: int = 3                  # round-robin passes over the implementations (per cell: min(rounds, reps))
+    interleave: bool | None = None   # None: True on CPU, False on CUDA
     quick: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -69,49 +85,114 @@ def plan_cells(cfg: BenchConfig) -> list[tuple[str, str, str, str, str]]:
 
 def _free(device: torch.device, full: bool = True) -> None:
     if full:
-        gc.collect()  # ~70 ms with torch loaded: skipped between --quick cells
+        gc.collect()  # ~70 ms with torch loaded: skipped in --quick runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _measure_cell(cfg: BenchConfig, device: torch.device, params, opt_name: str, impl_name: str) -> dict:
-    impl, opt = IMPLS[impl_name], OPTIMIZERS[opt_name]
-    rec: dict = {"status": "ok", "reason": ""}
-    optimizer = step = None
-    try:
-        optimizer = build_optimizer(impl, opt, params)
-        step = optimizer.step
-        if impl.graph:
-            step = capture_step(optimizer.step, device, warmup=max(1, cfg.warmup))
-        max_reps = cfg.max_reps or (100 if device.type == "cuda" else 15)
-        t0 = time.perf_counter()
-        times = time_steps(step, device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
-                           max_reps=max_reps, budget_s=cfg.budget_s)
-        rec["wall_s"] = time.perf_counter() - t0
-        rec["times_ms"] = times
-        rec["median_ms"] = statistics.median(times)
-        rec["min_ms"] = min(times)
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` near-equal positive counts (fewer parts if total < parts)."""
+    parts = max(1, min(parts, total))
+    q, r = divmod(total, parts)
+    return [q + (1 if i < r else 0) for i in range(parts)]
+
+
+def _na(e: BaseException) -> dict:
+    if isinstance(e, Unsupported):
+        return {"status": "n/a", "reason": str(e)}
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return {"status": "n/a", "reason": f"out of memory: {msg}"[:300]}
+    return {"status": "n/a", "reason": f"{type(e).__name__}: {msg}"[:300],
+            "traceback": traceback.format_exc(limit=3)}
+
+
+class _Live:
+    """One implementation being measured: its optimizer, step callable and timings so far."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device, params, opt_name: str, impl_name: str):
+        self.impl = IMPLS[impl_name]
+        self.optimizer = build_optimizer(self.impl, OPTIMIZERS[opt_name], params)
+        self.step = self.optimizer.step
+        if self.impl.graph:
+            self.step = capture_step(self.optimizer.step, device, warmup=max(1, cfg.warmup))
+        # untimed warm-up; the last one estimates the step time for the auto rep count
+        t_est = None
+        for _ in range(cfg.warmup):
+            synchronize(device)
+            t0 = time.perf_counter()
+            self.step()
+            synchronize(device)
+            t_est = time.perf_counter() - t0
+        self.times: list[float] = []
+        if cfg.reps is not None:
+            total = cfg.reps
+        else:
+            if t_est is None:  # --warmup 0: the first timed step is the estimate
+                self.times += time_steps(self.step, device, warmup=0, reps=1)
+                t_est = self.times[0] / 1e3
+            max_reps = cfg.max_reps or (100 if device.type == "cuda" else 15)
+            total = max(cfg.min_reps, min(max_reps, math.ceil(cfg.budget_s / max(t_est, 1e-6))))
+            total = max(total - len(self.times), 1)
+        self.per_round = _split(total, cfg.rounds if _interleaving(cfg, device) else 1)
+
+    def close(self) -> None:
+        self.optimizer = self.step = None
+
+
+def _interleaving(cfg: BenchConfig, device: torch.device) -> bool:
+    return cfg.interleave if cfg.interleave is not None else device.type == "cpu"
+
+
+def _measure_group(cfg: BenchConfig, device: torch.device, params, opt_name: str, impl_names: list[str],
+                   stream: StreamReference, stream_samples: list[dict], bar) -> dict[str, dict]:
+    """Measure ``impl_names`` for one (preset, optimizer), round-robin; returns impl -> record."""
+    recs: dict[str, dict] = {}
+    live: dict[str, _Live] = {}
+    for name in impl_names:
+        bar.set_postfix_str(f"{device} {opt_name} {name}: warm-up")
+        try:
+            live[name] = _Live(cfg, device, params, opt_name, name)
+        except Exception as e:  # unsupported dtype/device, OOM, capture failure: n/a, don't crash
+            recs[name] = _na(e)
+            synchronize(device)
+    t0 = time.perf_counter()
+    n_rounds = max((len(lv.per_round) for lv in live.values()), default=0)
+    local_samples: list[float] = []
+    for rnd in range(n_rounds):
+        sample = stream.measure(reps=5 if device.type == "cpu" else 10)
+        sample["round"] = rnd
+        stream_samples.append(sample)
+        local_samples.append(sample["gbps"])
+        for name, lv in list(live.items()):
+            if rnd >= len(lv.per_round):
+                continue
+            bar.set_postfix_str(f"{device} {opt_name} {name}: round {rnd + 1}/{n_rounds}")
+            try:
+                lv.times += time_steps(lv.step, device, warmup=0, reps=lv.per_round[rnd])
+            except Exception as e:
+                recs[name] = _na(e)
+                live.pop(name).close()
+    for name, lv in live.items():
+        times = lv.times
+        rec = {"status": "ok", "reason": "", "times_ms": times, "median_ms": statistics.median(times),
+               "min_ms": min(times), "rounds": len(lv.per_round),
+               "stream_gbps_during": statistics.median(local_samples)}
         if len(times) > 1:
             q = statistics.quantiles(times, n=4, method="inclusive")
             rec["iqr_ms"] = [q[0], q[2]]
-    except Unsupported as e:
-        rec.update(status="n/a", reason=str(e))
-    except torch.cuda.OutOfMemoryError as e:
-        rec.update(status="n/a", reason=f"out of memory: {str(e).splitlines()[0]}")
-    except Exception as e:  # any torch variant refusing a dtype/device etc.: record, don't crash
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        rec.update(status="n/a", reason=f"{type(e).__name__}: {msg}"[:300])
-        rec["traceback"] = traceback.format_exc(limit=3)
-    finally:
-        # drop the optimizer state and any CUDA graph (its private memory pool) before the next cell
-        optimizer = step = None
-        synchronize(device)
-        _free(device, full=not cfg.quick or device.type == "cuda")
-    return rec
+        recs[name] = rec
+        lv.close()
+    live.clear()
+    synchronize(device)
+    _free(device, full=not cfg.quick or device.type == "cuda")
+    for rec in recs.values():
+        rec["group_wall_s"] = time.perf_counter() - t0
+    return recs
 
 
-def run(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
-    """Run the grid described by ``cfg``; returns the results dict (no printing but ``log``)."""
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Run the grid described by ``cfg`` and return the results dict."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -136,67 +217,66 @@ def run(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         for dev_str in cfg.devices:
             device = torch.device(dev_str)
             bar.set_postfix_str(f"{dev_str}: streaming bandwidth")
-            bw_nbytes = (64 << 20) if cfg.quick else None
-            bw_samples = [stream_bandwidth(device, nbytes=bw_nbytes)]
-            bw = dict(bw_samples[0])
-            out["devices"][dev_str] = {"name": sysinfo.device_name(device), "bandwidth": bw,
-                                       "bandwidth_samples": bw_samples}
-            first_preset = True
+            stream = StreamReference(device, (64 << 20) if cfg.quick else None)
+            samples = [stream.measure(reps=10, warmup=3)]
+            interleave = _interleaving(cfg, device)
+            out["devices"][dev_str] = info = {"name": sysinfo.device_name(device), "interleaved": interleave}
             for dt_name in cfg.dtypes:
                 dtype = DTYPES[dt_name]
                 es = torch.empty((), dtype=dtype).element_size()
                 for pre_name in cfg.presets:
-                    if not first_preset:
-                        # memory bandwidth drifts on shared machines: re-measure before every
-                        # preset and use the best median seen on this device as the reference
-                        bar.set_postfix_str(f"{dev_str}: streaming bandwidth")
-                        bw_samples.append(stream_bandwidth(device, nbytes=bw_nbytes))
-                    first_preset = False
                     preset = get_preset(pre_name, device, cfg.quick)
                     out["presets"][f"{dev_str}/{pre_name}"] = {
                         "note": preset.note, "num_tensors": preset.num_tensors, "numel": preset.numel}
                     bar.set_postfix_str(f"{dev_str} {dt_name} {pre_name}: making params")
-                    params = None
+                    params, make_err = None, None
                     try:
                         params = make_params(preset.shapes, dtype, device, seed=cfg.seed)
-                        make_err = None
                     except Exception as e:  # e.g. out of memory for this dtype
                         make_err = f"cannot allocate preset: {type(e).__name__}: {str(e).splitlines()[0]}"
                     for opt_name in cfg.optimizers:
                         opt = OPTIMIZERS[opt_name]
                         nbytes = preset.numel * opt.bytes_per_element(es)
-                        for impl_name in cfg.impls:
-                            if IMPLS[impl_name].cuda_only and device.type != "cuda":
-                                continue
-                            bar.set_postfix_str(f"{dev_str} {dt_name} {pre_name} {opt_name} {impl_name}")
-                            base = {
-                                "device": dev_str, "dtype": dt_name, "preset": pre_name, "optimizer": opt_name,
-                                "impl": impl_name, "num_tensors": preset.num_tensors, "numel": preset.numel,
-                                "bytes_per_step": nbytes, "bytes_per_element": opt.bytes_per_element(es),
-                                "warmup": cfg.warmup,
-                            }
-                            skip = DEFAULT_SKIPS.get((device.type, pre_name, impl_name))
+                        impls = [i for i in cfg.impls if not (IMPLS[i].cuda_only and device.type != "cuda")]
+                        recs: dict[str, dict] = {}
+                        todo = []
+                        for name in impls:
+                            skip = DEFAULT_SKIPS.get((device.type, pre_name, name))
                             if make_err:
-                                rec = {"status": "n/a", "reason": make_err}
+                                recs[name] = {"status": "n/a", "reason": make_err}
                             elif skip and not cfg.impls_explicit and not cfg.quick:
-                                rec = {"status": "skipped", "reason": skip}
+                                recs[name] = {"status": "skipped", "reason": skip}
                             else:
-                                rec = _measure_cell(cfg, device, params, opt_name, impl_name)
+                                todo.append(name)
+                        groups = [todo] if interleave else [[name] for name in todo]
+                        for group in groups:
+                            if group:
+                                recs.update(_measure_group(cfg, device, params, opt_name, group, stream, samples, bar))
+                        for name in impls:
+                            rec = recs[name]
                             if rec.get("median_ms"):
                                 rec["gbps"] = nbytes / (rec["median_ms"] / 1e3) / 1e9
-                            rec["stream_sample"] = len(bw_samples) - 1
-                            out["results"].append({**base, **rec})
-                            bar.update(1)
+                            out["results"].append({
+                                "device": dev_str, "dtype": dt_name, "preset": pre_name, "optimizer": opt_name,
+                                "impl": name, "num_tensors": preset.num_tensors, "numel": preset.numel,
+                                "bytes_per_step": nbytes, "bytes_per_element": opt.bytes_per_element(es),
+                                "warmup": cfg.warmup, **rec})
+                        bar.update(len(impls))
                     del params
                     _free(device)
-            best = max(bw_samples, key=lambda b: b["gbps"])
-            bw.update(gbps=best["gbps"], gbps_max=max(b["gbps_max"] for b in bw_samples),
-                      times_ms=best["times_ms"], samples_gbps=[b["gbps"] for b in bw_samples],
-                      method=f"{best['method']}; best median of {len(bw_samples)} measurements, "
-                             "one before each preset")
+            stream.close()
+            gbps = [x["gbps"] for x in samples]
+            info["bandwidth"] = {
+                "gbps": statistics.median(gbps),
+                "gbps_max": max(x["gbps_max"] for x in samples),
+                "samples_gbps": gbps,
+                "method": f"{stream.method}; median of {len(samples)} samples taken between timing rounds",
+                "bytes_per_rep": stream.bytes_per_rep,
+                "times_ms": [t for x in samples for t in x["times_ms"]],
+            }
             for r in out["results"]:
                 if r["device"] == dev_str and r.get("gbps"):
-                    r["pct_of_stream"] = 100.0 * r["gbps"] / bw["gbps"]
+                    r["pct_of_stream"] = 100.0 * r["gbps"] / info["bandwidth"]["gbps"]
     finally:
         bar.close()
     _add_speedups(out["results"])
@@ -207,6 +287,13 @@ def run(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         out["notes"].append(f"fusedopt rows are n/a: {fusedopt_reason}")
     elif fusedopt_desc.startswith("STAND-IN"):
         out["notes"].append(f"WARNING: the 'fusedopt' rows are a {fusedopt_desc}, not fusedopt")
+    for dev_str, info in out["devices"].items():
+        g = info["bandwidth"]["samples_gbps"]
+        if len(g) > 2 and min(g) < 0.8 * max(g):
+            out["notes"].append(
+                f"{dev_str}: the streaming reference varied from {min(g):.1f} to {max(g):.1f} GB/s during the run "
+                f"(median {statistics.median(g):.1f}): bandwidth drifted"
+                + ("; implementations were timed interleaved, so speedups are comparable" if info["interleaved"] else ""))
     busy_end = sysinfo.other_cpu_busy()
     out["meta"]["other_cpu_busy_at_end"] = busy_end
     if hasattr(os, "getloadavg"):
