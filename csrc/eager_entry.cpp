@@ -121,6 +121,22 @@ class PlanReader {
   PyObject* flags_;
 };
 
+// The arguments both ops share after the per-tensor lists.
+struct GroupArgs {
+  GroupArgs(py::handle hyper_, py::handle lr_tensors, py::handle grad_scale_, py::handle found_inf_,
+            py::handle schedule_state_, py::handle schedule_)
+      : hyper(tensor(hyper_, "hyper")),
+        grad_scale(optional_tensor(grad_scale_, "grad_scale")),
+        found_inf(optional_tensor(found_inf_, "found_inf")),
+        schedule(optional_tensor(schedule_, "schedule")) {
+    lrs.push_list(lr_tensors, "lr_tensors");
+    schedule_state.push_list(schedule_state_, "schedule_state");
+  }
+  at::Tensor hyper;
+  std::optional<at::Tensor> grad_scale, found_inf, schedule;
+  Borrowed lrs, schedule_state;
+};
+
 PyObject* interned(const char* s) {
   return PyUnicode_InternFromString(s);  // kept for the life of the process
 }
@@ -138,7 +154,7 @@ bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_fla
   static PyObject* const k_step = interned("step");
   PlanReader plan(params, states, amsgrad_flags);
   const auto n = static_cast<size_t>(plan.size());
-  Borrowed p(n), g(n), m(n), v(n), vm, st(n), lrs, sched_state;
+  Borrowed p(n), g(n), m(n), v(n), vm, st(n);
   for (Py_ssize_t i = 0; i < plan.size(); ++i) {
     if (!plan.param_and_grad(i, p, g) || !plan.state(i, k_exp_avg, m) ||
         !plan.state(i, k_exp_avg_sq, v) || !plan.state(i, k_step, st) ||
@@ -146,13 +162,10 @@ bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_fla
       return false;
     }
   }
-  lrs.push_list(lr_tensors, "lr_tensors");
-  sched_state.push_list(schedule_state, "schedule_state");
-  const at::Tensor h = tensor(hyper, "hyper");
-  const auto gs = optional_tensor(grad_scale, "grad_scale"), fi = optional_tensor(found_inf, "found_inf");
-  const auto sched = optional_tensor(schedule, "schedule");
+  const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
   BelowAutograd below;
-  op.call(p, g, m, v, vm, st, group_sizes, h, lrs, gs, fi, sched_state, sched);
+  op.call(p, g, m, v, vm, st, group_sizes, a.hyper, a.lrs, a.grad_scale, a.found_inf,
+          a.schedule_state, a.schedule);
   return true;
 }
 
@@ -166,17 +179,14 @@ bool sgd_plan_step(py::handle params, py::handle states, py::handle momentum_fla
   static PyObject* const k_buf = interned("momentum_buffer");
   PlanReader plan(params, states, momentum_flags);
   const auto n = static_cast<size_t>(plan.size());
-  Borrowed p(n), g(n), b(n), lrs, sched_state;
+  Borrowed p(n), g(n), b(n);
   for (Py_ssize_t i = 0; i < plan.size(); ++i) {
     if (!plan.param_and_grad(i, p, g) || (plan.flag(i) && !plan.state(i, k_buf, b))) return false;
   }
-  lrs.push_list(lr_tensors, "lr_tensors");
-  sched_state.push_list(schedule_state, "schedule_state");
-  const at::Tensor h = tensor(hyper, "hyper");
-  const auto gs = optional_tensor(grad_scale, "grad_scale"), fi = optional_tensor(found_inf, "found_inf");
-  const auto sched = optional_tensor(schedule, "schedule");
+  const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
   BelowAutograd below;
-  op.call(p, g, b, group_sizes, h, lrs, fresh_buffers, gs, fi, sched_state, sched);
+  op.call(p, g, b, group_sizes, a.hyper, a.lrs, fresh_buffers, a.grad_scale, a.found_inf,
+          a.schedule_state, a.schedule);
   return true;
 }
 
