@@ -243,3 +243,28 @@ def test_work_list_rejects_bad_input():
         C.work_list([3], 4, 0)
     with pytest.raises(ValueError, match="negative tensor size"):
         C.work_list([-1], 4, 1)
+
+
+# -- the in-kernel schedule evaluator (csrc/update_rules.h) against the Python reference -----
+
+@pytest.mark.parametrize("kind", range(9))
+def test_cpp_schedule_evaluator_matches_the_python_reference(kind):
+    from fusedopt.lr_scheduler import evaluate_phases
+
+    C = _extension.require()
+    g = torch.Generator().manual_seed(kind)
+    for flag in (0.0, 1.0):
+        # two phases: the second starts at 17, so the lookup of the active phase is exercised too
+        a, b = (0.05 + torch.rand(2, generator=g) * 0.5).tolist()
+        n = float(torch.randint(3, 40, (1,), generator=g))
+        first = (0.0, float(kind), a, b, n, 0.97, 1.7, flag)
+        second = (17.0, float(kind), b, a * 0.1, n + 5, 0.9, 0.5, flag)
+        rows = [v for phase in (first, second) for v in phase]
+        for t in [0, 1, 2, n - 1, n, n + 1, 16, 17, 18, 17 + n, 150]:
+            expected = evaluate_phases([first, second], t)
+            assert C.schedule_lr(rows, float(t)) == pytest.approx(expected, rel=1e-12, abs=1e-15), (kind, flag, t)
+
+
+def test_cpp_schedule_evaluator_rejects_bad_rows():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _extension.require().schedule_lr([0.0] * 7, 1.0)
