@@ -27,22 +27,22 @@ Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
 // A companion of params[i] (its grad or a state tensor) must match it exactly in dtype,
 // shape, device and memory layout, since the kernels walk all of them with one index.
 void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tensor& t,
-                    const at::Tensor& param) {
+                    const at::Tensor& param, int64_t pi) {
   TORCH_CHECK(t.defined(), op, ": ", what, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] is sparse (layout ",
               t.layout(), "); fusedopt does not support sparse gradients, please consider "
               "SparseAdam instead");
   TORCH_CHECK(t.device() == param.device(), op, ": ", what, "[", i, "] is on ", t.device(),
-              " but params[", i, "] is on ", param.device());
+              " but params[", pi, "] is on ", param.device());
   TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), op, ": ", what, "[", i,
-                   "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
+                   "] has dtype ", t.scalar_type(), " but params[", pi, "] has dtype ",
                    param.scalar_type());
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
-              " but params[", i, "] has shape ", param.sizes());
+              " but params[", pi, "] has shape ", param.sizes());
   const bool same_layout = (t.is_contiguous() && param.is_contiguous()) ||
                            t.strides() == param.strides() || t.numel() <= 1;
   TORCH_CHECK(same_layout, op, ": ", what, "[", i,
-              "] has strides ", t.strides(), " but params[", i, "] has strides ",
+              "] has strides ", t.strides(), " but params[", pi, "] has strides ",
               param.strides(), "; fusedopt needs a gradient and state laid out like the "
               "param (call .contiguous() on both)");
   return t.data_ptr();
@@ -168,25 +168,19 @@ void check_scalar_tensor(const char* op, const char* what, const at::Tensor& t,
                    " must be a floating-point tensor, got ", t.scalar_type());
 }
 
-StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList grads,
-                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                           at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                           c10::IntArrayRef group_sizes, const at::Tensor& hyper,
-                           at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf,
-                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
+namespace {
+
+// What both ops share: the hyperparameter table, each tensor's group, and each param with its
+// gradient (checked, recorded, version bumped). The op then adds its state tensors.
+StepArgs collect_common(const char* op, at::TensorList params, at::TensorList grads,
+                        c10::IntArrayRef group_sizes, const at::Tensor& hyper, int64_t cols,
+                        bool unscaling) {
   const auto n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
-                  exp_avg_sqs.size() == params.size() && state_steps.size() == params.size(),
-              op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same "
-              "length, got ", params.size(), ", ", grads.size(), ", ", exp_avgs.size(), ", ",
-              exp_avg_sqs.size(), " and ", state_steps.size());
   StepArgs out;
-  read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), adam_col::count, out);
+  read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), cols, out);
   const std::vector<int32_t> group = groups_of(op, group_sizes, n);
   if (n > 0) out.device = params[0].device();
   out.tensors.resize(static_cast<size_t>(n));
-  size_t next_max = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_param(op, i, p);
@@ -195,18 +189,56 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
     s.param = p.data_ptr();
     bump_version(p);
-    s.grad = companion_ptr(op, "grads", i, grads[i], p);
-    if (grad_scale.has_value()) bump_version(grads[i]);
-    s.state0 = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p);
-    s.state1 = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p);
+    s.grad = companion_ptr(op, "grads", i, grads[i], p, i);
+    if (unscaling) bump_version(grads[i]);
     s.numel = p.numel();
     s.group = group[static_cast<size_t>(i)];
     s.dtype = elem_of(op, "params", i, p);
-    if (out.at(s.group, adam_col::amsgrad) != 0.0) {
+  }
+  return out;
+}
+
+// The arguments after the tensor lists, also shared: lr tensors, the in-kernel schedule, the
+// GradScaler scalars.
+template <int LR, int LR_INDEX, int SCHED_BEGIN, int SCHED_COUNT>
+void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
+                   at::TensorList schedule_state, const std::optional<at::Tensor>& schedule,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  resolve_lrs(op, out, LR, LR_INDEX, lr_tensors);
+  read_schedule(op, out, SCHED_BEGIN, SCHED_COUNT, schedule_state, schedule);
+  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+}
+
+}  // namespace
+
+StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                           c10::IntArrayRef group_sizes, const at::Tensor& hyper,
+                           at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf,
+                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
+  using namespace adam_col;
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  exp_avg_sqs.size() == params.size() && state_steps.size() == params.size(),
+              op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same "
+              "length, got ", params.size(), ", ", grads.size(), ", ", exp_avgs.size(), ", ",
+              exp_avg_sqs.size(), " and ", state_steps.size());
+  StepArgs out = collect_common(op, params, grads, group_sizes, hyper, count, grad_scale.has_value());
+  size_t next_max = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TensorSlot& s = out.tensors[static_cast<size_t>(i)];
+    s.state0 = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p, i);
+    s.state1 = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, i);
+    if (out.at(s.group, amsgrad) != 0.0) {
       TORCH_CHECK(next_max < max_exp_avg_sqs.size(), op, ": params[", i, "] is in an amsgrad "
                   "group but max_exp_avg_sqs has only ", max_exp_avg_sqs.size(), " tensors");
       s.state2 = companion_ptr(op, "max_exp_avg_sqs", static_cast<int64_t>(next_max),
-                               max_exp_avg_sqs[next_max], p);
+                               max_exp_avg_sqs[next_max], p, i);
       ++next_max;
     }
     const at::Tensor& st = state_steps[i];
@@ -221,10 +253,8 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
   }
   TORCH_CHECK(next_max == max_exp_avg_sqs.size(), op, ": max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " tensors but the amsgrad groups hold ", next_max, " params");
-  resolve_lrs(op, out, adam_col::lr, adam_col::lr_index, lr_tensors);
-  read_schedule(op, out, adam_col::sched_begin, adam_col::sched_count, schedule_state, schedule);
-  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
-  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+  finish_common<lr, lr_index, sched_begin, sched_count>(op, out, lr_tensors, schedule_state,
+                                                        schedule, grad_scale, found_inf);
   return out;
 }
 
@@ -235,52 +265,33 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf,
                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
+  using namespace sgd_col;
   const auto n = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size(), op, ": params and grads must have the same "
               "length, got ", params.size(), " and ", grads.size());
-  StepArgs out;
-  read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), sgd_col::count, out);
-  const std::vector<int32_t> group = groups_of(op, group_sizes, n);
-  if (n > 0) out.device = params[0].device();
-  out.tensors.resize(static_cast<size_t>(n));
+  StepArgs out = collect_common(op, params, grads, group_sizes, hyper, count, grad_scale.has_value());
   size_t next_buf = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_param(op, i, p);
-    TORCH_CHECK(p.device() == out.device, op, ": params[", i, "] is on ", p.device(),
-                " but params[0] is on ", out.device, "; call the op once per device");
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
-    s.param = p.data_ptr();
-    bump_version(p);
-    s.grad = companion_ptr(op, "grads", i, grads[i], p);
-    if (grad_scale.has_value()) bump_version(grads[i]);
-    s.numel = p.numel();
-    s.group = group[static_cast<size_t>(i)];
-    s.dtype = elem_of(op, "params", i, p);
-    if (out.at(s.group, sgd_col::momentum) != 0.0) {
-      TORCH_CHECK(next_buf < momentum_buffers.size(), op, ": params[", i, "] is in a group "
-                  "with momentum but momentum_buffers has only ", momentum_buffers.size(),
-                  " tensors");
-      s.state0 = companion_ptr(op, "momentum_buffers", static_cast<int64_t>(next_buf),
-                               momentum_buffers[next_buf], p);
-      ++next_buf;
-    }
+    if (out.at(s.group, momentum) == 0.0) continue;
+    TORCH_CHECK(next_buf < momentum_buffers.size(), op, ": params[", i, "] is in a group "
+                "with momentum but momentum_buffers has only ", momentum_buffers.size(),
+                " tensors");
+    s.state0 = companion_ptr(op, "momentum_buffers", static_cast<int64_t>(next_buf),
+                             momentum_buffers[next_buf], params[i], i);
+    ++next_buf;
   }
   TORCH_CHECK(next_buf == momentum_buffers.size(), op, ": momentum_buffers has ",
               momentum_buffers.size(), " tensors but the groups with momentum hold ", next_buf,
               " params");
   for (const int64_t k : fresh_buffers) {
     // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
-    TORCH_CHECK(k >= 0 && k < n &&
-                    out.at(out.tensors[static_cast<size_t>(k)].group, sgd_col::momentum) != 0.0,
-                op,
-                ": fresh_buffers names params[", k, "], which has no momentum buffer");
+    TORCH_CHECK(k >= 0 && k < n && out.at(out.tensors[static_cast<size_t>(k)].group, momentum) != 0.0,
+                op, ": fresh_buffers names params[", k, "], which has no momentum buffer");
     out.tensors[static_cast<size_t>(k)].fresh = true;
   }
-  resolve_lrs(op, out, sgd_col::lr, sgd_col::lr_index, lr_tensors);
-  read_schedule(op, out, sgd_col::sched_begin, sgd_col::sched_count, schedule_state, schedule);
-  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
-  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+  finish_common<lr, lr_index, sched_begin, sched_count>(op, out, lr_tensors, schedule_state,
+                                                        schedule, grad_scale, found_inf);
   return out;
 }
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fusedopt._extension import require
-from fusedopt.ops import on_device
+from fusedopt.ops import _lr_entry, hyper_table, on_device
 
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -106,8 +106,8 @@ def real_views(tensors: list[Tensor], complex_idx: list[int]) -> list[Tensor]:
 class FusedStepMixin:
     """Mixed in before a torch.optim class: replaces its step with one fused op call per device.
 
-    Subclasses define ``_structure(group)``, ``_prepare_state(p, group, state)``,
-    ``_entry_extra(group)`` and ``_launch(batch, grad_scale, found_inf) -> bool`` (False: a
+    Subclasses define ``_columns``, ``_hyper_row(group)``, ``_structure(group)``,
+    ``_prepare_state(p, group, state)``, ``_entry_extra(group)`` and ``_launch(batch, grad_scale, found_inf) -> bool`` (False: a
     param lost its grad or a state entry since the plan was built; nothing was changed).
     """
 
@@ -131,14 +131,22 @@ class FusedStepMixin:
         (``fusedopt.lr_scheduler.in_kernel``), else ``"host"`` (group lrs are read as set)."""
         return "host" if self._kernel_schedule is None else "in-kernel"
 
-    def _schedule_args(self, rows: list[dict]) -> dict:
-        """Adds the in-kernel schedule's columns to the hyper rows; the op's schedule kwargs."""
+    def _group_args(self, device: torch.device) -> tuple[Tensor, list[Tensor], dict]:
+        """The per-group arguments of one op call: the hyper table (a row per group from the
+        subclass's ``_hyper_row``), the device-tensor lrs it names, and the schedule kwargs."""
+        lr_tensors: list[Tensor] = []
+        rows = []
+        for group in self.param_groups:
+            lr, lr_index = _lr_entry(group["lr"], device, lr_tensors)
+            rows.append(dict(self._hyper_row(group), lr=lr, lr_index=lr_index))
         if self._kernel_schedule is None:
-            return {"schedule_state": []}
-        table, state, group_rows = self._kernel_schedule.kernel_args()
-        for row, (begin, count) in zip(rows, group_rows):
-            row["sched_begin"], row["sched_count"] = begin, count
-        return {"schedule_state": state, "schedule": table}
+            sched = {"schedule_state": []}
+        else:
+            table, state, group_rows = self._kernel_schedule.kernel_args()
+            for row, (begin, count) in zip(rows, group_rows):
+                row["sched_begin"], row["sched_count"] = begin, count
+            sched = {"schedule_state": state, "schedule": table}
+        return hyper_table(rows, self._columns), lr_tensors, sched
 
     def __setstate__(self, state) -> None:
         # pickling and deepcopy keep only defaults, state and param_groups (torch's

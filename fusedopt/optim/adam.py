@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from fusedopt.ops import ADAM_COLUMNS, _lr_entry, hyper_table
+from fusedopt.ops import ADAM_COLUMNS
 from fusedopt._extension import require
 from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, real_views
 
@@ -52,18 +52,16 @@ class _FusedAdamStep(FusedStepMixin):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    _columns = ADAM_COLUMNS
+
+    def _hyper_row(self, group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    decoupled=group["decoupled_weight_decay"])
+
     def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
-        lr_tensors: list[Tensor] = []
-        rows = []
-        for group in self.param_groups:
-            lr, lr_index = _lr_entry(group["lr"], batch.device, lr_tensors)
-            beta1, beta2 = group["betas"]
-            rows.append(dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                             weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                             maximize=group["maximize"],
-                             decoupled=group["decoupled_weight_decay"], lr_index=lr_index))
-        sched = self._schedule_args(rows)
-        hyper = hyper_table(rows, ADAM_COLUMNS)
+        hyper, lr_tensors, sched = self._group_args(batch.device)
         if self._use_plan_entry(batch):
             return require().adam_plan_step(
                 batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,

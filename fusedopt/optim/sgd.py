@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedopt.ops import SGD_COLUMNS, _lr_entry, hyper_table
+from fusedopt.ops import SGD_COLUMNS
 from fusedopt._extension import require
 from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, real_views
 
@@ -52,16 +52,15 @@ class SGD(FusedStepMixin, torch.optim.SGD):
             buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             self._fresh[id(buf)] = buf
 
+    _columns = SGD_COLUMNS
+
+    def _hyper_row(self, group: dict) -> dict:
+        return dict(momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                    maximize=group["maximize"])
+
     def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
-        lr_tensors: list[Tensor] = []
-        rows = []
-        for group in self.param_groups:
-            lr, lr_index = _lr_entry(group["lr"], batch.device, lr_tensors)
-            rows.append(dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
-                             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                             maximize=group["maximize"], lr_index=lr_index))
-        sched = self._schedule_args(rows)
-        hyper = hyper_table(rows, SGD_COLUMNS)
+        hyper, lr_tensors, sched = self._group_args(batch.device)
         fresh: list[int] = []
         fresh_bufs: list[Tensor] = []
         if self._fresh:

@@ -268,3 +268,12 @@ def test_cpp_schedule_evaluator_matches_the_python_reference(kind):
 def test_cpp_schedule_evaluator_rejects_bad_rows():
     with pytest.raises(ValueError, match="multiple of 8"):
         _extension.require().schedule_lr([0.0] * 7, 1.0)
+
+
+def test_compacted_list_errors_name_the_param_they_belong_to():
+    # max_exp_avg_sqs only holds the amsgrad group's tensors: its entry 0 belongs to params[1]
+    params, grads, m, v, _, steps, _, _, lrs, _, _ = adam_args("cpu")
+    hyper = hyper_table([adam_row(), adam_row(amsgrad=1)], ADAM_COLUMNS)
+    with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs\[0\] has shape \[2\] but params\[1\] has shape \[3, 5\]"):
+        torch.ops.fusedopt.adam_(params, grads, m, v, [torch.zeros(2)], steps, [1, 1], hyper, lrs,
+                                 schedule_state=[])
