@@ -135,7 +135,8 @@ def extensions_and_cmdclass():
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
-        sources += [f"{CSRC}/cuda/fused_step_cuda.cpp", f"{CSRC}/cuda/fused_step_kernels.cu"]
+        sources += [f"{CSRC}/cuda/fused_step_cuda.cpp", f"{CSRC}/cuda/host_tables.cpp",
+                    f"{CSRC}/cuda/fused_step_kernels.cu"]
         define_macros.append(("FUSEDOPT_WITH_CUDA", None))
         ext = CUDAExtension(
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},

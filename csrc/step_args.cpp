@@ -89,19 +89,29 @@ void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t
   out.num_cols = cols;
 }
 
-// Resolves the lr column of each group: a float, or an index into lr_tensors. A CPU lr
-// tensor is read here; a device lr tensor stays for the kernel (the column keeps its index).
+// Resolves the lr of each group: a float in its lr column, or an index into lr_tensors. Each lr
+// tensor is recorded (out.lr_tensor); a CPU one's value is also written into the lr column and
+// its index cleared, so kernels that read host values need nothing else.
 void resolve_lrs(const char* op, StepArgs& out, int lr_col, int index_col,
                  at::TensorList lr_tensors) {
+  out.lr_tensor.assign(static_cast<size_t>(out.num_groups), LrTensor{});
   for (int64_t g = 0; g < out.num_groups; ++g) {
     const double idx = out.at(g, index_col);
     if (idx < 0) continue;
     const auto k = static_cast<int64_t>(idx);
     TORCH_CHECK(k < static_cast<int64_t>(lr_tensors.size()), op, ": group ", g,
                 " refers to lr_tensors[", k, "] but only ", lr_tensors.size(), " were given");
-    check_scalar_tensor(op, "lr", lr_tensors[k], out.device);
-    if (lr_tensors[k].device().is_cpu()) {
-      out.hyper[g * out.num_cols + lr_col] = lr_tensors[k].item<double>();
+    const at::Tensor& lr = lr_tensors[k];
+    check_scalar_tensor(op, "lr", lr, out.device);
+    const bool wide = lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble;
+    TORCH_CHECK_TYPE(wide || lr.device().is_cpu(), op, ": an lr tensor on ", lr.device(),
+                     " must be float32 or float64, got ", lr.scalar_type());
+    if (wide) {
+      out.lr_tensor[static_cast<size_t>(g)] = {lr.data_ptr(), lr.scalar_type() == at::kDouble,
+                                               lr.device().is_cpu()};
+    }
+    if (lr.device().is_cpu()) {
+      out.hyper[g * out.num_cols + lr_col] = lr.item<double>();
       out.hyper[g * out.num_cols + index_col] = -1.0;
     }
   }
@@ -151,12 +161,20 @@ void read_schedule(const char* op, StepArgs& out, int begin_col, int count_col,
 
 }  // namespace
 
-double scheduled_lr(const StepArgs& args, int64_t group, int lr_col, int begin_col, int count_col,
+double scheduled_lr(const StepTable& args, int64_t group, int lr_col, int begin_col, int count_col,
                     double t) {
   const double count = args.at(group, count_col);
   if (count <= 0) return args.at(group, lr_col);
   const auto begin = static_cast<int64_t>(args.at(group, begin_col));
   return schedule_lr(args.phases.data() + begin * phase_col::count, static_cast<int64_t>(count), t);
+}
+
+void check_kernel_steps(const char* op, at::TensorList state_steps) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    TORCH_CHECK_TYPE(state_steps[i].scalar_type() == at::kFloat, op, ": state_steps[", i,
+                     "] must be float32 on CUDA (the kernel increments it in place), got ",
+                     state_steps[i].scalar_type());
+  }
 }
 
 void check_scalar_tensor(const char* op, const char* what, const at::Tensor& t,

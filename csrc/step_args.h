@@ -10,44 +10,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "step_table.h"
+
 namespace fusedopt {
 
-// Element types a param may have. The math runs in float for the 16-bit types.
-enum class Elem : int32_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
-
-// One tensor's share of a step: raw pointers and sizes only, so the CPU kernel and the
-// CUDA table builder read it without touching at::Tensor.
-struct TensorSlot {
-  void* param = nullptr;
-  void* grad = nullptr;
-  void* state0 = nullptr;  // Adam: exp_avg; SGD: momentum_buffer (null without momentum)
-  void* state1 = nullptr;  // Adam: exp_avg_sq
-  void* state2 = nullptr;  // Adam: max_exp_avg_sq (null without amsgrad)
-  void* step = nullptr;    // Adam: the 1-element step counter
-  int64_t numel = 0;
-  int32_t group = 0;
-  Elem dtype = Elem::f32;
-  bool step_is_double = false;  // step counter dtype: float64 (else float32)
-  bool fresh = false;           // SGD: momentum buffer never written yet
-};
-
-// Where the in-kernel schedule stores lr(t + 1) for one group (null: the group has none).
-struct ScheduleOut {
-  void* lr = nullptr;
-  bool is_double = false;
-};
-
-struct StepArgs {
-  std::vector<TensorSlot> tensors;
-  int64_t num_groups = 0;
-  int64_t num_cols = 0;
-  std::vector<double> hyper;  // num_groups x num_cols, row-major
+// A validated step: the plain table (step_table.h) and the device the op runs on.
+struct StepArgs : StepTable {
   c10::Device device = c10::Device(c10::DeviceType::CPU);
-  // In-kernel schedule: phase rows (update_rules.h), the step counter, per-group outputs.
-  std::vector<double> phases;
-  int64_t* schedule_step = nullptr;
-  std::vector<ScheduleOut> schedule_out;
-  double at(int64_t group, int col) const { return hyper[group * num_cols + col]; }
 };
 
 StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList grads,
@@ -67,8 +36,12 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule);
 
 // The lr a group uses at schedule step t: its in-kernel schedule's value, else its lr column.
-double scheduled_lr(const StepArgs& args, int64_t group, int lr_col, int begin_col, int count_col,
+double scheduled_lr(const StepTable& args, int64_t group, int lr_col, int begin_col, int count_col,
                     double t);
+
+// Checks that Adam's step counters can be bumped in place by a CUDA kernel: float32 (the kernels,
+// real and emulated, write them as float).
+void check_kernel_steps(const char* op, at::TensorList state_steps);
 
 // Checks a 1-element float tensor argument (grad_scale, found_inf, an lr tensor) and that it
 // lives on the CPU or on `device`.

@@ -11,9 +11,14 @@ struct CUstream_st;
 namespace fusedopt {
 namespace cuda {
 
-// Elements per chunk: one block's unit of work. A multiple of every vector width, so every
-// chunk of a 16-byte aligned tensor starts 16-byte aligned.
+// Elements per chunk: one block's unit of work on the GPU. A multiple of every vector width, so
+// every chunk of a 16-byte aligned tensor starts 16-byte aligned. (The emulated backend uses
+// smaller chunks, so that small test tensors span many of them.)
 constexpr int64_t kChunkElems = 1 << 16;
+
+// Threads per block: the kernels are compiled for at most this many (__launch_bounds__), so
+// ptxas keeps their register use low enough that such a block always fits on an SM.
+constexpr int kMaxBlock = 512;
 
 enum TensorFlags : int32_t {
   kAligned16 = 1,  // param, grad and state pointers are all 16-byte aligned
@@ -30,7 +35,7 @@ struct DeviceTensor {
   int64_t numel;
   int32_t group;
   int32_t dtype;  // fusedopt::Elem
-  int32_t num_chunks;
+  int32_t num_chunks;  // at least 1
   int32_t flags;
 };
 
@@ -59,6 +64,8 @@ struct DeviceGroup {
   int32_t pad;
 };
 
+// A tensor's chunk [begin, min(begin + chunk_elems, numel)). An empty tensor has one empty
+// chunk: the block that takes it only bumps the tensor's step counter.
 struct DeviceChunk {
   int32_t tensor;
   int32_t pad;
@@ -70,6 +77,7 @@ struct LaunchArgs {
   const DeviceTensor* tensors;
   const DeviceChunk* chunks;
   int64_t num_chunks;
+  int64_t chunk_elems;       // elements per chunk (the last chunk of a tensor may be shorter)
   int32_t* done_counters;    // per tensor, then one for the whole launch; zero between launches
   const double* phases;      // schedule rows (phase_col::count doubles each), or null
   int64_t* schedule_step;    // in-kernel schedule counter, or null

@@ -1,6 +1,7 @@
 // The fused CUDA kernels: one launch walks the chunk table of every tensor of every param
 // group and dtype on one device. Pure CUDA (no torch headers) so nvcc compiles it quickly;
 // the per-element math is the same header the CPU kernels use.
+#include <cuda/atomic>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -188,13 +189,25 @@ __device__ void sgd_range(const DeviceTensor& t, int64_t begin, int64_t end,
   }
 }
 
+// "Last block" counters. A block counts its finished work with an acq_rel add: the release
+// publishes its reads and writes of the tensor (and of its step counter) before the count, and
+// the acquire lets the block that sees the final count act on everything the others did. It
+// resets the counter for the next launch with an atomic store (the next launch is stream-ordered
+// after this one).
+__device__ __forceinline__ int count_done(int32_t* counter) {
+  return ::cuda::atomic_ref<int32_t, ::cuda::thread_scope_device>(*counter).fetch_add(
+      1, ::cuda::memory_order_acq_rel);
+}
+__device__ __forceinline__ void reset_count(int32_t* counter) {
+  ::cuda::atomic_ref<int32_t, ::cuda::thread_scope_device>(*counter).store(0, ::cuda::memory_order_relaxed);
+}
+
 // Called by thread 0 of every block after its last chunk: the last block of the launch to get
 // here advances the in-kernel schedule (every block has read the counter by then).
 __device__ void finish_launch(const LaunchArgs& a) {
   if (a.schedule_step == nullptr) return;
-  __threadfence();
   int32_t* launch_counter = a.done_counters + a.num_tensors;
-  if (atomicAdd(launch_counter, 1) != static_cast<int>(gridDim.x) - 1) return;
+  if (count_done(launch_counter) != static_cast<int>(gridDim.x) - 1) return;
   const double next = static_cast<double>(*a.schedule_step + 1);
   for (int32_t i = 0; i < a.num_groups; ++i) {
     const DeviceGroup& g = a.groups[i];
@@ -208,17 +221,17 @@ __device__ void finish_launch(const LaunchArgs& a) {
     }
   }
   *a.schedule_step += 1;
-  *launch_counter = 0;
+  reset_count(launch_counter);
 }
 
-__global__ void adam_kernel(const LaunchArgs a) {
+__global__ void __launch_bounds__(kMaxBlock) adam_kernel(const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
   const Unscale us = read_unscale(a);
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const DeviceChunk ch = a.chunks[c];
     const DeviceTensor& t = a.tensors[ch.tensor];
     const DeviceGroup& g = a.groups[t.group];
-    const int64_t end = ch.begin + kChunkElems < t.numel ? ch.begin + kChunkElems : t.numel;
+    const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems : t.numel;
     // Every chunk reads the counter before any block writes it (see below): all of a tensor's
     // chunks compute with the same new step.
     const double step = static_cast<double>(*t.step) + 1.0;
@@ -246,11 +259,9 @@ __global__ void adam_kernel(const LaunchArgs a) {
     // chunk has read the old value. The counter returns to zero for the next launch.
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
-      const int prev = atomicAdd(&a.done_counters[ch.tensor], 1);
-      if (prev == t.num_chunks - 1) {
+      if (count_done(&a.done_counters[ch.tensor]) == t.num_chunks - 1) {
         *t.step = static_cast<float>(step);
-        a.done_counters[ch.tensor] = 0;
+        reset_count(&a.done_counters[ch.tensor]);
       }
     }
   }
@@ -258,14 +269,14 @@ __global__ void adam_kernel(const LaunchArgs a) {
   if (threadIdx.x == 0) finish_launch(a);
 }
 
-__global__ void sgd_kernel(const LaunchArgs a) {
+__global__ void __launch_bounds__(kMaxBlock) sgd_kernel(const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
   const Unscale us = read_unscale(a);
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const DeviceChunk ch = a.chunks[c];
     const DeviceTensor& t = a.tensors[ch.tensor];
     const DeviceGroup& g = a.groups[t.group];
-    const int64_t end = ch.begin + kChunkElems < t.numel ? ch.begin + kChunkElems : t.numel;
+    const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems : t.numel;
     const double lr = read_lr(a, g);
     const bool nest = g.flags & kNesterov, maxi = g.flags & kMaximize;
     switch (t.dtype) {
@@ -289,14 +300,24 @@ __global__ void sgd_kernel(const LaunchArgs a) {
 
 }  // namespace
 
+// The emulated backend (emulation/cuda_shim.h) compiles this file as host C++ and runs the
+// kernels on CPU threads; only the launch itself differs.
 int launch_adam(const LaunchArgs& args, CUstream_st* stream) {
+#ifdef FUSEDOPT_EMULATED_CUDA
+  return fusedopt_emulation::launch(adam_kernel, args.grid, args.block, args);
+#else
   adam_kernel<<<args.grid, args.block, 0, stream>>>(args);
   return static_cast<int>(cudaGetLastError());
+#endif
 }
 
 int launch_sgd(const LaunchArgs& args, CUstream_st* stream) {
+#ifdef FUSEDOPT_EMULATED_CUDA
+  return fusedopt_emulation::launch(sgd_kernel, args.grid, args.block, args);
+#else
   sgd_kernel<<<args.grid, args.block, 0, stream>>>(args);
   return static_cast<int>(cudaGetLastError());
+#endif
 }
 
 }  // namespace cuda

@@ -17,7 +17,8 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         "before its first step and marked fresh, so the kernel initialises it with the gradient\n"
         "as torch does; if GradScaler skips that step the buffer is dropped again, as torch\n"
         "would never have made it. On CUDA, learning whether such a step was skipped reads\n"
-        "``found_inf`` (a host sync), only on a step that creates buffers.\n\n" + (torch.optim.SGD.__doc__ or "")
+        "``found_inf`` (a host sync), only on a step that creates buffers, and such a step\n"
+        "cannot be captured in a CUDA graph (take one eager step first).\n\n" + (torch.optim.SGD.__doc__ or "")
     )
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0,
@@ -69,6 +70,8 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                 if buf is not None and self._fresh.get(id(buf)) is buf:
                     fresh.append(i)
                     fresh_bufs.append(buf)
+        if fresh:
+            _refuse_capture_of_fresh_buffers(batch.device)
         if self._use_plan_entry(batch):
             ran = require().sgd_plan_step(
                 batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
@@ -102,12 +105,20 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         return True
 
 
+def _refuse_capture_of_fresh_buffers(device: torch.device) -> None:
+    """A step that creates momentum buffers tells the kernel so (the buffer takes the gradient
+    itself); captured in a CUDA graph, every replay would do that again, silently turning momentum
+    off. Such a step must be eager."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fusedopt.SGD: this step creates momentum buffers, which cannot be captured in a CUDA "
+            "graph (every replay would start the buffers afresh, turning momentum off); take one "
+            "eager optimizer step before capturing"
+        )
+
+
 def _skipped(found_inf: Tensor | None) -> bool:
+    # (never reached while capturing: _refuse_capture_of_fresh_buffers raised before the step)
     if found_inf is None:
         return False
-    if found_inf.device.type != "cpu" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fusedopt.SGD: the first step of a momentum buffer cannot be captured in a CUDA graph "
-            "under GradScaler; take one optimizer step before capturing"
-        )
     return bool(found_inf.item() != 0)

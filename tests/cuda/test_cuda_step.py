@@ -174,3 +174,48 @@ def test_params_on_two_devices_one_launch_each():
     opt.step()
     kernels = _kernel_launches(opt.step)
     assert sorted(k.device_index for k in kernels) == [0, 1]
+
+
+def test_capturing_the_step_that_creates_sgd_momentum_buffers_raises():
+    p = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="creates momentum buffers"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+def test_capturing_a_step_no_eager_step_has_seen_raises():
+    p = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    opt = fusedopt.Adam([p], lr=0.1, capturable=True)
+    p.grad = torch.randn_like(p)
+    opt.step()  # lazy state; tables of this grad cached
+    p.grad = torch.randn_like(p)  # a new grad tensor: a table no eager step uploaded
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="Take one eager optimizer step"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+def test_cached_tables_used_from_another_stream():
+    """The same optimizer stepping on two streams in turn reuses its uploaded tables and counters:
+    each use waits for the last one on the other stream."""
+    ps = [torch.nn.Parameter(p) for p in _params([(100_000,), (513,)])]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = fusedopt.Adam(ps, lr=1e-2)
+    ref_opt = torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for step in range(6):
+        _fill_grads(ps, step)
+        _fill_grads(ref, step)
+        s = streams[step % 2]
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            opt.step()
+        torch.cuda.current_stream().wait_stream(s)
+        ref_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert opt.state[p]["step"].item() == 6

@@ -13,7 +13,7 @@ from fusedopt.lr_scheduler import WarmupCosine, in_kernel
 pytestmark = pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
 
 STEPS = 150
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from emulated_cuda import DEVICES  # "cpu", "emul" (emulated CUDA kernels), "cuda"
 
 
 def _pair(kind, device="cpu", lrs=(0.1, 0.03)):

@@ -7,7 +7,7 @@ import torch
 from fusedopt import _extension
 from fusedopt.ops import ADAM_COLUMNS, SGD_COLUMNS, hyper_table
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from emulated_cuda import DEVICES  # "cpu", "emul" (emulated CUDA kernels), "cuda"
 
 pytestmark = pytest.mark.skipif(not _extension.extension_available(), reason="needs the compiled extension")
 

@@ -1,7 +1,7 @@
 """Shared pytest configuration for the fusedopt parity suite (tests/optim).
 
 Every parity test takes the ``device`` fixture, so it runs once per entry of ``DEVICES``:
-always on CPU, and additionally on CUDA when a GPU is visible.  Tests that only make sense
+always on CPU, on the emulated CUDA kernels (id "emul"), and on CUDA when a GPU is visible.  Tests that only make sense
 with a GPU are marked ``@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")``.
 
 The oracle everywhere is ``torch.optim.<Name>(..., foreach=False)``: torch's for-loop
@@ -24,12 +24,13 @@ try:  # Prefer an installed fusedopt; fall back to the source checkout (python -
 except ImportError:  # pragma: no cover - depends on how the suite is launched
     sys.path.insert(0, str(_HERE.parent.parent))
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from emulated_cuda import DEVICES  # noqa: E402  ("cpu", "emul": the emulated CUDA kernels, "cuda")
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """Device every parity test runs on: 'cpu', plus 'cuda' where a GPU exists."""
+    """Device every parity test runs on: 'cpu'; 'emul' (CPU tensors, the fused ops run by the
+    CUDA kernels emulated on the CPU); 'cuda' where a GPU exists."""
     return request.param
 
 

@@ -475,3 +475,14 @@ def test_grads_reused_in_place_with_zero_grad_set_to_none_false(name, device):
         fo.step()
         tr.update(ref)
     assert_pair_close(ref, fo, DT, "zero_grad(set_to_none=False) loop", tracker=tr)
+
+
+def test_sgd_refuses_to_capture_the_step_that_creates_momentum_buffers(monkeypatch):
+    """Captured, the step that starts momentum buffers would restart them on every replay (momentum
+    silently off): fusedopt.SGD raises instead. (tests/cuda runs the real capture on a GPU.)"""
+    from fusedopt.optim import sgd as sgd_module
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="creates momentum buffers.*take one eager optimizer step"):
+        sgd_module._refuse_capture_of_fresh_buffers(torch.device("cuda", 0))
+    sgd_module._refuse_capture_of_fresh_buffers(torch.device("cpu"))  # CPU steps are never captured

@@ -1,0 +1,187 @@
+// The emulated CUDA backend, for tests: the CUDA implementation of the fused ops with the GPU
+// replaced by CPU threads. It validates through the shared step_args, packs the tables with the
+// shared host_tables (what the real glue uploads), and runs the unchanged kernels of
+// ../fused_step_kernels.cu (compiled by emulated_kernels.cpp). Every "device" pointer is host
+// memory, so the kernels read CPU tensors, lr tensors, grad_scale and found_inf in place, as they
+// read device memory on a GPU.
+//
+// Built on demand by tests/emulated_cuda.py, never shipped in fusedopt._C.
+#include <torch/extension.h>
+
+#include <chrono>
+#include <list>
+#include <stdexcept>
+#include <vector>
+
+#include "../../step_args.h"
+#include "../../update_rules.h"
+#include "../device_tables.h"
+#include "../host_tables.h"
+#include "cuda_shim.h"
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+struct Config {
+  int64_t grid = 4;  // most blocks per launch (like SMs x blocks per SM on a GPU)
+  int64_t block = 32;
+  int64_t chunk_elems = 64;
+  int64_t launches = 0;
+};
+
+Config& config() {
+  static Config c;
+  return c;
+}
+
+// Completion counters per tensor table, kept across launches like the real table cache keeps
+// them: a kernel that leaves a counter nonzero breaks the next step, and the tests see it.
+class Counters {
+ public:
+  int32_t* get(const std::vector<uint8_t>& tensors, int64_t n) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == tensors && static_cast<int64_t>(it->second.size()) >= n) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return entries_.front().second.data();
+      }
+    }
+    entries_.emplace_front(tensors, std::vector<int32_t>(static_cast<size_t>(n), 0));
+    if (entries_.size() > 16) entries_.pop_back();
+    return entries_.front().second.data();
+  }
+  void clear() { entries_.clear(); }
+
+ private:
+  std::list<std::pair<std::vector<uint8_t>, std::vector<int32_t>>> entries_;
+};
+
+Counters& counters() {
+  static Counters c;
+  return c;
+}
+
+const float* scalar_ptr(const char* op, const char* what, const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": a CUDA ", what,
+                   " must be float32 (as GradScaler makes it), got ", t->scalar_type());
+  return t->data_ptr<float>();
+}
+
+void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf, Rule rule) {
+  const Config& cfg = config();
+  if (args.tensors.empty() && args.schedule_step == nullptr) return;
+  HostTables tables;
+  try {
+    tables = pack_tables(args, rule, cfg.chunk_elems, /*cpu_lr_by_pointer=*/true);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+  if (tables.tensors.empty()) tables.tensors.resize(sizeof(DeviceChunk));
+  // The "uploads": the packed bytes are the device tables (vector storage is 16-byte aligned).
+  int32_t* done = counters().get(tables.tensors, tables.num_tensors + 1);
+  LaunchArgs la = make_launch_args(tables, args, tables.groups.data(), tables.tensors.data(), done);
+  la.grad_scale = scalar_ptr(op, "grad_scale", grad_scale);
+  la.found_inf = scalar_ptr(op, "found_inf", found_inf);
+  la.grid = launch_grid(tables, cfg.grid);
+  la.block = static_cast<int32_t>(cfg.block);
+  if (la.grid == 0) return;
+  const int err = rule == Rule::adam ? launch_adam(la, nullptr) : launch_sgd(la, nullptr);
+  TORCH_CHECK(err == 0, op, ": emulated launch failed with CUDA error ", err);
+  ++config().launches;
+}
+
+void adam_emulated(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList state_steps, c10::IntArrayRef group_sizes,
+                   const at::Tensor& hyper, at::TensorList lr_tensors,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+                   const std::optional<at::Tensor>& schedule) {
+  const char* op = "fusedopt::adam_";
+  const StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
+                                          max_exp_avg_sqs, state_steps, group_sizes, hyper,
+                                          lr_tensors, grad_scale, found_inf, schedule_state,
+                                          schedule);
+  check_kernel_steps(op, state_steps);
+  launch(op, args, grad_scale, found_inf, Rule::adam);
+}
+
+void sgd_emulated(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  c10::IntArrayRef group_sizes, const at::Tensor& hyper,
+                  at::TensorList lr_tensors, c10::IntArrayRef fresh_buffers,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+                  const std::optional<at::Tensor>& schedule) {
+  const char* op = "fusedopt::sgd_";
+  const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes, hyper,
+                                         lr_tensors, fresh_buffers, grad_scale, found_inf,
+                                         schedule_state, schedule);
+  launch(op, args, grad_scale, found_inf, Rule::sgd);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedopt
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace fusedopt::cuda;
+  m.doc() = "fusedopt's CUDA kernels run on CPU threads (tests only)";
+  using Tensors = std::vector<at::Tensor>;
+  using Ints = std::vector<int64_t>;
+  using Opt = std::optional<at::Tensor>;
+  // Same arguments as the op schemas (csrc/ops.cpp), in order.
+  m.def("adam_", [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                    const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                    const Tensors& state_steps, const Ints& group_sizes, const at::Tensor& hyper,
+                    const Tensors& lr_tensors, const Opt& grad_scale, const Opt& found_inf,
+                    const Tensors& schedule_state, const Opt& schedule) {
+    adam_emulated(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes,
+                  hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
+  }, "fusedopt::adam_ on CPU tensors through the emulated CUDA kernels");
+  m.def("sgd_", [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
+                   const Ints& group_sizes, const at::Tensor& hyper, const Tensors& lr_tensors,
+                   const Ints& fresh_buffers, const Opt& grad_scale, const Opt& found_inf,
+                   const Tensors& schedule_state, const Opt& schedule) {
+    sgd_emulated(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors, fresh_buffers,
+                 grad_scale, found_inf, schedule_state, schedule);
+  }, "fusedopt::sgd_ on CPU tensors through the emulated CUDA kernels");
+  m.def("configure", [](int64_t grid, int64_t block, int64_t chunk_elems, bool concurrent,
+                        uint64_t seed) {
+    if (grid < 1 || block < 1 || block > kMaxBlock || chunk_elems < 8 || chunk_elems % 8 != 0) {
+      throw std::invalid_argument("emulated CUDA: need grid >= 1, 1 <= block <= 512 and a chunk "
+                                  "size that is a positive multiple of 8");
+    }
+    config().grid = grid;
+    config().block = block;
+    config().chunk_elems = chunk_elems;
+    fusedopt_emulation::schedule() = {concurrent, seed};
+    counters().clear();
+  }, py::arg("grid"), py::arg("block"), py::arg("chunk_elems"), py::arg("concurrent"),
+     py::arg("seed"));
+  m.def("launches", [] { return config().launches; }, "Kernel launches so far.");
+  m.def("pack_tables_us", [](const std::vector<int64_t>& numels, int64_t repeats) {
+    // Host cost of packing one step's tables (what the real glue does before every launch).
+    fusedopt::StepTable t;
+    t.num_groups = 1;
+    t.num_cols = fusedopt::adam_col::count;
+    t.hyper.assign(static_cast<size_t>(t.num_cols), 0.0);
+    std::vector<float> dummy(16);
+    for (const int64_t n : numels) {
+      fusedopt::TensorSlot s;
+      s.param = s.grad = s.state0 = s.state1 = dummy.data();
+      s.step = dummy.data();
+      s.numel = n;
+      t.tensors.push_back(s);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    size_t sink = 0;
+    for (int64_t r = 0; r < repeats; ++r) {
+      HostTables h = pack_tables(t, Rule::adam);
+      sink += h.tensors.size();
+    }
+    const auto us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    return sink == 0 ? -1.0 : us / static_cast<double>(repeats);
+  });
+}
