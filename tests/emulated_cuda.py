@@ -45,6 +45,9 @@ def build(kernel_source: str | os.PathLike | None = None, build_dir: str | os.Pa
     ``kernel_source``: a kernel file to compile instead of csrc/cuda/fused_step_kernels.cu (the
     mutation script's broken copies; it must sit in a copy of csrc/cuda so its includes resolve).
     """
+    # the mutation script (scripts/mutate_cuda_kernels.py) points test runs at its broken copies
+    kernel_source = kernel_source or os.environ.get("FUSEDOPT_EMULATED_KERNEL_SOURCE") or None
+    build_dir = build_dir or os.environ.get("FUSEDOPT_EMULATED_BUILD_DIR") or None
     includes = cuda_include_dirs()
     if includes is None:
         raise RuntimeError("emulated CUDA: no CUDA toolkit headers found (cuda_runtime.h and "

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <unordered_map>
 #include <vector>
@@ -53,37 +54,43 @@ struct Upload {
 
 class TableCache {
  public:
-  // Returns the device copy of `bytes` for a launch on `stream`. An entry last used on another
-  // stream is first made to wait for that use (its upload, its counters' last launch).
+  // The device copy of a tensor table packed from exactly these slots, if one is cached: the
+  // table is a function of the slots alone, so a step whose tensors are those of an earlier step
+  // (the common case) skips packing and comparing the bytes.
+  std::optional<Upload> find_tensors(const std::vector<TensorSlot>& slots, c10::Device device,
+                                     bool capturing, int64_t num_counters, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->device == device && it->num_counters >= num_counters && it->has_slots &&
+          same_slots(it->slots, slots)) {
+        return use(it, capturing, stream);
+      }
+    }
+    return std::nullopt;
+  }
+
+  // Returns the device copy of `bytes` (packed from `slots`, when given) for a launch on `stream`.
   Upload upload(const std::vector<uint8_t>& bytes, c10::Device device, bool capturing,
-                int64_t num_counters, cudaStream_t stream) {
+                int64_t num_counters, cudaStream_t stream, const char* what,
+                const std::vector<TensorSlot>* slots = nullptr) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->device == device && it->bytes == bytes && it->num_counters >= num_counters) {
-        it->keep |= capturing;
-        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-        Entry& e = entries_.front();
-        if (e.stream != stream && !capturing) {
-          C10_CUDA_CHECK(cudaStreamWaitEvent(stream, e.used, 0));
-          // the caching allocator must not hand these blocks out while `stream` may read them
-          e.dev.record_stream(c10::cuda::getStreamFromExternal(stream, device.index()));
-          if (e.counters.defined()) {
-            e.counters.record_stream(c10::cuda::getStreamFromExternal(stream, device.index()));
-          }
-          e.stream = stream;
-        }
-        return e.view();
+        return use(it, capturing, stream);
       }
     }
     // Pinned staging memory cannot be allocated while a stream is being captured, and a table
     // made inside a capture would live in the graph's private pool.
-    TORCH_CHECK(!capturing, "fusedopt: the optimizer step being captured into a CUDA graph has "
-                "params, grads or state tensors that no eager step has seen (a table is missing "
-                "from the cache). Take one eager optimizer step with the same tensors before "
-                "capturing, and keep the grads in place (zero_grad(set_to_none=False)).");
+    TORCH_CHECK(!capturing, "fusedopt: the optimizer step being captured into a CUDA graph differs "
+                "from every eager step before it: ", what, " changed. Take one eager optimizer "
+                "step exactly as it will be captured first.");
     Entry e;
     e.device = device;
     e.bytes = bytes;
+    if (slots != nullptr) {
+      e.slots = *slots;
+      e.has_slots = true;
+    }
     e.stream = stream;
     e.host = at::empty({static_cast<int64_t>(bytes.size())},
                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -117,9 +124,29 @@ class TableCache {
   }
 
  private:
+  struct Entry;
+  // Moves an entry to the front (most recently used) for a launch on `stream`. An entry last
+  // used on another stream is first made to wait for that use (its upload, its counters' last
+  // launch), and is kept from the caching allocator while `stream` may read it.
+  Upload use(std::list<Entry>::iterator it, bool capturing, cudaStream_t stream) {
+    it->keep |= capturing;
+    entries_.splice(entries_.begin(), entries_, it);
+    Entry& e = entries_.front();
+    if (e.stream != stream && !capturing) {
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream, e.used, 0));
+      const auto s = c10::cuda::getStreamFromExternal(stream, e.device.index());
+      e.dev.record_stream(s);
+      if (e.counters.defined()) e.counters.record_stream(s);
+      e.stream = stream;
+    }
+    return e.view();
+  }
+
   struct Entry {
     c10::Device device = c10::Device(c10::DeviceType::CUDA, 0);
     std::vector<uint8_t> bytes;
+    std::vector<TensorSlot> slots;  // what a tensor table was packed from
+    bool has_slots = false;
     at::Tensor host, dev, counters;
     int64_t num_counters = 0;
     bool keep = false;
@@ -127,8 +154,9 @@ class TableCache {
     cudaEvent_t used = nullptr;     // recorded after its last use
     Entry() = default;
     Entry(Entry&& o) noexcept
-        : device(o.device), bytes(std::move(o.bytes)), host(std::move(o.host)),
-          dev(std::move(o.dev)), counters(std::move(o.counters)), num_counters(o.num_counters),
+        : device(o.device), bytes(std::move(o.bytes)), slots(std::move(o.slots)),
+          has_slots(o.has_slots), host(std::move(o.host)), dev(std::move(o.dev)),
+          counters(std::move(o.counters)), num_counters(o.num_counters),
           keep(o.keep), stream(o.stream), used(o.used) {
       o.used = nullptr;
     }
@@ -181,18 +209,31 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
   const bool capturing = status != cudaStreamCaptureStatusNone;
 
+  // The tensor table is reused by its slots when cached; only the small group table is packed
+  // and compared every step (it holds the hyperparameters).
+  const int64_t num_counters = static_cast<int64_t>(args.tensors.size()) + 1;
+  const std::optional<Upload> cached = table_cache().find_tensors(
+      args.tensors, args.device, capturing, num_counters, stream.stream());
+  Upload tensors = cached.value_or(Upload{});
   HostTables tables;
   try {
-    tables = pack_tables(args, rule);
+    tables = pack_tables(args, rule, kChunkElems, /*cpu_lr_by_pointer=*/false,
+                         /*tensor_bytes=*/!cached.has_value());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, op, ": ", e.what());
   }
-  const Upload groups = table_cache().upload(tables.groups, args.device, capturing, 0, stream.stream());
-  // Counters: one per tensor for the step bump, then one for the whole launch (schedule). An
-  // empty tensor table still gets its upload: it owns the launch counter.
-  if (tables.tensors.empty()) tables.tensors.resize(sizeof(DeviceChunk));
-  const Upload tensors = table_cache().upload(tables.tensors, args.device, capturing,
-                                              tables.num_tensors + 1, stream.stream());
+  const Upload groups = table_cache().upload(tables.groups, args.device, capturing, 0,
+                                             stream.stream(), "the hyperparameters (a float lr or "
+                                             "another group setting; under capture, give the lr "
+                                             "as a tensor on the device)");
+  if (!cached.has_value()) {
+    // Counters: one per tensor for the step bump, then one for the whole launch (schedule). An
+    // empty tensor table still gets its upload: it owns the launch counter.
+    if (tables.tensors.empty()) tables.tensors.resize(sizeof(DeviceChunk));
+    tensors = table_cache().upload(tables.tensors, args.device, capturing, num_counters,
+                                   stream.stream(), "the params, grads or state tensors",
+                                   &args.tensors);
+  }
   LaunchArgs la = make_launch_args(tables, args, groups.table, tensors.table, tensors.counters);
   la.grad_scale = device_float_scalar(op, "grad_scale", grad_scale);
   la.found_inf = device_float_scalar(op, "found_inf", found_inf);

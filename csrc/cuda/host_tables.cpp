@@ -1,6 +1,7 @@
 #include "host_tables.h"
 
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -49,8 +50,22 @@ Cols group_row(const StepTable& args, Rule rule, int64_t g, DeviceGroup& dg) {
 
 }  // namespace
 
+bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const TensorSlot& x = a[i];
+    const TensorSlot& y = b[i];
+    if (x.param != y.param || x.grad != y.grad || x.state0 != y.state0 || x.state1 != y.state1 ||
+        x.state2 != y.state2 || x.step != y.step || x.numel != y.numel || x.group != y.group ||
+        x.dtype != y.dtype || x.fresh != y.fresh || x.step_is_double != y.step_is_double) {
+      return false;
+    }
+  }
+  return true;
+}
+
 HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
-                       bool cpu_lr_by_pointer) {
+                       bool cpu_lr_by_pointer, bool tensor_bytes) {
   if (chunk_elems <= 0 || chunk_elems % 8 != 0) {
     throw std::invalid_argument("fusedopt: the CUDA chunk size must be a positive multiple of 8, got " +
                                 std::to_string(chunk_elems));
@@ -78,6 +93,7 @@ HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
     if (lr.ptr != nullptr && (!lr.on_cpu || cpu_lr_by_pointer)) {
       dg.lr_ptr = lr.ptr;
       dg.lr_is_double = lr.is_double;
+      dg.lr = std::numeric_limits<double>::quiet_NaN();  // a kernel that ignored lr_ptr shows
     }
   }
   out.phases_offset = static_cast<int64_t>(out.groups.size());
@@ -92,10 +108,11 @@ HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
     total_chunks += s.numel == 0 ? 1 : (s.numel + chunk_elems - 1) / chunk_elems;
   }
   out.num_chunks = total_chunks;
+  out.chunks_offset = out.num_tensors * static_cast<int64_t>(sizeof(DeviceTensor));
+  if (!tensor_bytes) return out;
   out.tensors.reserve(static_cast<size_t>(out.num_tensors) * sizeof(DeviceTensor) +
                       static_cast<size_t>(total_chunks) * sizeof(DeviceChunk));
   DeviceTensor* tensors = grow<DeviceTensor>(out.tensors, out.num_tensors);
-  out.chunks_offset = static_cast<int64_t>(out.tensors.size());
   DeviceChunk* chunks = grow<DeviceChunk>(out.tensors, total_chunks);
   int64_t c = 0;
   for (int64_t i = 0; i < out.num_tensors; ++i) {

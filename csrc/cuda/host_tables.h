@@ -30,8 +30,13 @@ struct HostTables {
 // `cpu_lr_by_pointer`: CPU lr tensors are read by the kernel through their pointer (the
 // emulated backend, whose "device" memory is host memory); otherwise their value was copied
 // into the table at validation, as a GPU cannot read host memory.
+// `tensor_bytes` false: the tensor table's sizes only (a cached copy of it is reused).
 HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems = kChunkElems,
-                       bool cpu_lr_by_pointer = false);
+                       bool cpu_lr_by_pointer = false, bool tensor_bytes = true);
+
+// Whether two steps' tensor slots pack to the same tensor table: the table is a function of the
+// slots alone, so a cache can key a packed table on them and skip packing (host_tables.cpp).
+bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>& b);
 
 // The launch arguments for tables uploaded at `groups` and `tensors` (device addresses of the
 // two byte tables), with `counters` (num_tensors + 1 zeroed int32s). grad_scale, found_inf,

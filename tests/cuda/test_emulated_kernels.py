@@ -152,19 +152,40 @@ def test_tensor_lr_is_read_where_it_lives(device):
     assert out[0] == pytest.approx([0.5, 0.5], rel=1e-3) and out[1] == pytest.approx([0.25, 0.25], rel=1e-3)
 
 
+def _sgd_op_args(grad_scale, found_inf):
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=g) for s in [(50,), (3, 7)]]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    row = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=0, maximize=0, lr_index=-1,
+               sched_begin=0, sched_count=0)
+    bufs = [torch.ones_like(p) for p in params]
+    return (params, grads, bufs, [len(params)], hyper_table([row], SGD_COLUMNS), [], [], grad_scale, found_inf)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_found_inf_skips_and_grad_scale_unscales_in_place(device):
-    args = _adam_op_args(0.1, [], -1, grad_scale=torch.tensor([4.0]), found_inf=torch.tensor([1.0]))
-    params = [p.clone() for p in args[0]]
-    grads = [g.clone() for g in args[1]]
-    torch.ops.fusedopt.adam_(*args, schedule_state=[])
-    assert all(torch.equal(a, b) for a, b in zip(params + grads, args[0] + args[1]))
-    assert all(s.item() == 0 for s in args[5])
-    args[10].zero_()
-    torch.ops.fusedopt.adam_(*args, schedule_state=[])
-    for g_before, g_after in zip(grads, args[1]):
+@pytest.mark.parametrize("rule", ["adam", "sgd"])
+def test_found_inf_skips_and_grad_scale_unscales_in_place(device, rule):
+    """found_inf and grad_scale are read by the kernel where they live (device memory on a GPU):
+    a nonzero found_inf changes nothing at all; otherwise the grads are unscaled in place."""
+    scale, found = torch.tensor([4.0]), torch.tensor([1.0])
+    if rule == "adam":
+        args, op = _adam_op_args(0.1, [], -1, grad_scale=scale, found_inf=found), torch.ops.fusedopt.adam_
+        state = args[2] + args[3] + args[5]
+    else:
+        args, op = _sgd_op_args(scale, found), torch.ops.fusedopt.sgd_
+        state = args[2]
+    before = [t.clone() for t in args[0] + args[1] + state]
+    op(*args, schedule_state=[])
+    assert all(torch.equal(a, b) for a, b in zip(before, args[0] + args[1] + state))
+    found.zero_()
+    op(*args, schedule_state=[])
+    n = len(args[0])
+    for g_before, g_after in zip(before[n:2 * n], args[1]):
         torch.testing.assert_close(g_after, g_before * 0.25, rtol=0, atol=0)
-    assert all(s.item() == 1 for s in args[5])
+    if rule == "adam":
+        assert all(s.item() == 1 for s in args[5])
+    for p_before, p_after in zip(before[:n], args[0]):
+        assert not torch.equal(p_before, p_after)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -35,29 +35,40 @@ Config& config() {
   return c;
 }
 
-// Completion counters per tensor table, kept across launches like the real table cache keeps
-// them: a kernel that leaves a counter nonzero breaks the next step, and the tests see it.
-class Counters {
+// Packed tensor tables and their completion counters, cached by the slots they were packed from,
+// as the real glue caches its uploads: a step with the same tensors reuses the table and the
+// counters. A kernel that leaves a counter nonzero breaks the next step, and a cache that reused
+// a table for other tensors would update the wrong memory: the tests see both.
+struct CachedTable {
+  std::vector<TensorSlot> slots;
+  std::vector<uint8_t> bytes;
+  std::vector<int32_t> counters;
+};
+
+class TableCache {
  public:
-  int32_t* get(const std::vector<uint8_t>& tensors, int64_t n) {
+  CachedTable& get(const StepTable& args, const HostTables& sizes, Rule rule, int64_t chunk_elems) {
+    const auto n = static_cast<size_t>(sizes.num_tensors + 1);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->first == tensors && static_cast<int64_t>(it->second.size()) >= n) {
+      if (it->counters.size() >= n && same_slots(it->slots, args.tensors)) {
         entries_.splice(entries_.begin(), entries_, it);
-        return entries_.front().second.data();
+        return entries_.front();
       }
     }
-    entries_.emplace_front(tensors, std::vector<int32_t>(static_cast<size_t>(n), 0));
+    HostTables full = pack_tables(args, rule, chunk_elems, /*cpu_lr_by_pointer=*/true);
+    if (full.tensors.empty()) full.tensors.resize(sizeof(DeviceChunk));
+    entries_.push_front({args.tensors, std::move(full.tensors), std::vector<int32_t>(n, 0)});
     if (entries_.size() > 16) entries_.pop_back();
-    return entries_.front().second.data();
+    return entries_.front();
   }
   void clear() { entries_.clear(); }
 
  private:
-  std::list<std::pair<std::vector<uint8_t>, std::vector<int32_t>>> entries_;
+  std::list<CachedTable> entries_;
 };
 
-Counters& counters() {
-  static Counters c;
+TableCache& table_cache() {
+  static TableCache c;
   return c;
 }
 
@@ -73,15 +84,17 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   const Config& cfg = config();
   if (args.tensors.empty() && args.schedule_step == nullptr) return;
   HostTables tables;
+  CachedTable* cached = nullptr;
   try {
-    tables = pack_tables(args, rule, cfg.chunk_elems, /*cpu_lr_by_pointer=*/true);
+    tables = pack_tables(args, rule, cfg.chunk_elems, /*cpu_lr_by_pointer=*/true,
+                         /*tensor_bytes=*/false);
+    cached = &table_cache().get(args, tables, rule, cfg.chunk_elems);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, op, ": ", e.what());
   }
-  if (tables.tensors.empty()) tables.tensors.resize(sizeof(DeviceChunk));
-  // The "uploads": the packed bytes are the device tables (vector storage is 16-byte aligned).
-  int32_t* done = counters().get(tables.tensors, tables.num_tensors + 1);
-  LaunchArgs la = make_launch_args(tables, args, tables.groups.data(), tables.tensors.data(), done);
+  // The "uploads": host memory is the device memory here (vector storage is 16-byte aligned).
+  LaunchArgs la = make_launch_args(tables, args, tables.groups.data(), cached->bytes.data(),
+                                   cached->counters.data());
   la.grad_scale = scalar_ptr(op, "grad_scale", grad_scale);
   la.found_inf = scalar_ptr(op, "found_inf", found_inf);
   la.grid = launch_grid(tables, cfg.grid);
@@ -157,12 +170,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     config().block = block;
     config().chunk_elems = chunk_elems;
     fusedopt_emulation::schedule() = {concurrent, seed};
-    counters().clear();
+    table_cache().clear();
   }, py::arg("grid"), py::arg("block"), py::arg("chunk_elems"), py::arg("concurrent"),
      py::arg("seed"));
   m.def("launches", [] { return config().launches; }, "Kernel launches so far.");
-  m.def("pack_tables_us", [](const std::vector<int64_t>& numels, int64_t repeats) {
-    // Host cost of packing one step's tables (what the real glue does before every launch).
+  m.def("table_lookup_us", [](const std::vector<int64_t>& numels, int64_t repeats) {
+    // Host cost per step of finding the tensor table of an unchanged step, as the real glue does:
+    // (packing it and comparing the bytes with the cached copy, the old way; comparing the slots
+    // with the cached ones, the way now), in microseconds.
     fusedopt::StepTable t;
     t.num_groups = 1;
     t.num_cols = fusedopt::adam_col::count;
@@ -175,13 +190,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       s.numel = n;
       t.tensors.push_back(s);
     }
-    const auto start = std::chrono::steady_clock::now();
-    size_t sink = 0;
-    for (int64_t r = 0; r < repeats; ++r) {
-      HostTables h = pack_tables(t, Rule::adam);
-      sink += h.tensors.size();
-    }
-    const auto us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
-    return sink == 0 ? -1.0 : us / static_cast<double>(repeats);
+    const HostTables cached = pack_tables(t, Rule::adam);
+    const std::vector<fusedopt::TensorSlot> cached_slots = t.tensors;
+    auto time_us = [&](auto&& step) {
+      const auto start = std::chrono::steady_clock::now();
+      size_t hits = 0;
+      for (int64_t r = 0; r < repeats; ++r) hits += step() ? 1 : 0;
+      const auto us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+      if (hits != static_cast<size_t>(repeats)) throw std::runtime_error("table lookup missed");
+      return us / static_cast<double>(repeats);
+    };
+    const double by_bytes = time_us([&] { return pack_tables(t, Rule::adam).tensors == cached.tensors; });
+    const double by_slots = time_us([&] { return same_slots(cached_slots, t.tensors); });
+    return std::make_pair(by_bytes, by_slots);
   });
 }

@@ -1,0 +1,123 @@
+"""Mutation testing of the emulated-CUDA tests: injects known bugs, one at a time, into a copy of
+csrc/cuda/fused_step_kernels.cu, builds the emulated backend from the copy, and runs the emulated
+tests against it. Each mutant must be caught (a failing test, a crash or a hang); a surviving mutant
+means the tests cannot see that kind of bug, and the script exits non-zero.
+
+    python scripts/mutate_cuda_kernels.py            # every mutant
+    python scripts/mutate_cuda_kernels.py -k reset   # those whose name contains "reset"
+
+Needs the built fusedopt extension and the CUDA headers; no GPU. About 20-60 s per mutant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = "csrc/cuda/fused_step_kernels.cu"
+
+# (name, text to find, replacement, occurrences it must have: the mutant changes all of them)
+MUTANTS = [
+    ("vector loop drops its last pack", "const int64_t nvec = (end - begin) / kN;",
+     "const int64_t nvec = (end - begin) / kN - 1;", 2),
+    ("scalar tail stops one early", "for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x)",
+     "for (int64_t j = i + threadIdx.x; j < end - 1; j += blockDim.x)", 2),
+    ("chunk loop skips the last chunk", "for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x)",
+     "for (int64_t c = blockIdx.x; c < a.num_chunks - 1; c += gridDim.x)", 2),
+    ("grid stride skips chunks", "c < a.num_chunks; c += gridDim.x)", "c < a.num_chunks; c += gridDim.x + 1)", 2),
+    ("chunk end off by one", "const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems : t.numel;",
+     "const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems - 1 : t.numel;", 2),
+    ("found_inf ignored by Adam", "  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler skip: touch nothing\n",
+     "", 1),
+    ("found_inf ignored by SGD", "  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;\n", "", 1),
+    ("unscaled grads not written back", "      if (us.active) store_pack(G + j, g);\n", "", 2),
+    ("step counter never reset", "        reset_count(&a.done_counters[ch.tensor]);\n", "", 1),
+    ("launch counter never reset", "  reset_count(launch_counter);\n", "", 1),
+    ("schedule step not advanced", "  *a.schedule_step += 1;\n", "", 1),
+    ("step bumped by the first block", "if (count_done(&a.done_counters[ch.tensor]) == t.num_chunks - 1) {",
+     "if (count_done(&a.done_counters[ch.tensor]) == 0) {", 1),
+    ("step written twice", "        *t.step = static_cast<float>(step);", "        *t.step = static_cast<float>(step + 1.0);", 1),
+    ("no __syncthreads before counting a chunk done",
+     "    __syncthreads();\n    if (threadIdx.x == 0) {\n      if (count_done", "    if (threadIdx.x == 0) {\n      if (count_done", 1),
+    ("device lr ignored", "  if (g.lr_ptr == nullptr) return g.lr;", "  return g.lr;", 1),
+    ("fresh momentum buffer ignored", "const bool fresh = (t.flags & kFresh) != 0;", "const bool fresh = false;", 1),
+    ("amsgrad max not stored", "      if (c.amsgrad) store_pack(VM + j, vm);\n", "", 1),
+    ("schedule evaluated at the old step", "const double next = static_cast<double>(*a.schedule_step + 1);",
+     "const double next = static_cast<double>(*a.schedule_step);", 1),
+]
+
+TESTS = ["tests/cuda/test_emulated_kernels.py", "tests/optim/test_optim_parity.py",
+         "tests/optim/test_optim_amp.py", "tests/lr_scheduler/test_in_kernel.py", "tests/ops/test_ops.py"]
+
+
+def run(cmd, env, timeout):
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return r.returncode, (r.stdout + r.stderr)
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds before a test run counts as hung")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    import emulated_cuda
+
+    print("building the unmutated emulated backend ...", flush=True)
+    emulated_cuda.build()
+    source = (ROOT / KERNELS).read_text()
+    survivors = []
+    with tempfile.TemporaryDirectory(prefix="fusedopt-mutants-") as tmp:
+        for n, (name, old, new, count) in enumerate(MUTANTS):
+            if args.k not in name:
+                continue
+            found = source.count(old)
+            if found != count:
+                print(f"[{name}] the kernel source changed: expected {count} occurrence(s), found {found}; "
+                      "update scripts/mutate_cuda_kernels.py")
+                return 2
+            work = Path(tmp) / f"m{n}"
+            shutil.copytree(ROOT / "csrc", work / "csrc")
+            shutil.copytree(emulated_cuda.DEFAULT_BUILD_DIR, work / "build")  # reuse the objects
+            (work / KERNELS).write_text(source.replace(old, new))
+            env = dict(os.environ, FUSEDOPT_EMULATED_KERNEL_SOURCE=str(work / KERNELS),
+                       FUSEDOPT_EMULATED_BUILD_DIR=str(work / "build"), FUSEDOPT_REQUIRE_EMULATION="1")
+            start = time.time()
+            code, out = run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); "
+                             "import emulated_cuda; emulated_cuda.build()"], env, args.timeout)
+            if code != 0:
+                print(f"[{name}] the mutant does not build:\n{out[-3000:]}")
+                return 2
+            code, out = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "emul",
+                             *TESTS], env, args.timeout)
+            took = time.time() - start
+            if code == 0:
+                survivors.append(name)
+                verdict = "SURVIVED"
+            elif code == "timeout":
+                verdict = "caught (hang)"
+            elif code == 1:
+                failed = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
+                verdict = "caught by " + (failed[0].split(" ")[1] if failed else "a failing test")
+            else:
+                verdict = f"caught (pytest exit {code}: a crash)"
+            print(f"[{name}] {verdict} ({took:.0f} s)", flush=True)
+    if survivors:
+        print(f"{len(survivors)} mutant(s) survived: {survivors}")
+        return 1
+    print("every mutant was caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
