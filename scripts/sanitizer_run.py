@@ -1,7 +1,9 @@
 """A short fused-optimizer run for compute-sanitizer (memcheck / racecheck / initcheck).
 
-Covers several param groups, mixed dtypes, odd sizes, amsgrad, SGD momentum with a fresh
-buffer, GradScaler skips, and a captured CUDA graph replayed with a changing lr.
+Covers several param groups, mixed dtypes, odd sizes, empty params, amsgrad, SGD momentum with a
+fresh buffer, GradScaler skips, 10,000 tensors, an in-kernel schedule, two optimizers stepping on
+two streams, and a captured CUDA graph replayed with a changing lr. (The tensor over 2**31
+elements is in tests/cuda: under memcheck it would take too long.)
 """
 
 import torch
@@ -12,7 +14,7 @@ import fusedopt
 def main() -> None:
     torch.manual_seed(0)
     dev = "cuda"
-    shapes = [(1,), (7,), (4097,), (3, 5, 7), (65537,)] + [(1024,)] * 200
+    shapes = [(1,), (7,), (0,), (4097,), (3, 5, 7), (65537,)] + [(1024,)] * 200
     for cls, kw in ((fusedopt.SGD, dict(momentum=0.9, dampening=0.1)),
                     (fusedopt.SGD, dict(momentum=0.9, nesterov=True)),
                     (fusedopt.Adam, dict(amsgrad=True, weight_decay=0.1)),
@@ -31,6 +33,31 @@ def main() -> None:
             scaler.scale(torch.zeros((), device=dev, requires_grad=True)).backward()
             scaler.step(opt)
             scaler.update()
+    # 10,000 small tensors with an in-kernel schedule
+    many = [torch.nn.Parameter(torch.randn(1 + i % 37, device=dev)) for i in range(10_000)]
+    opt = fusedopt.AdamW(many, lr=1e-3)
+    sched = fusedopt.lr_scheduler.in_kernel(fusedopt.lr_scheduler.WarmupCosine(opt, warmup_steps=2, total_steps=10))
+    for _ in range(3):
+        for p in many:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    # two optimizers, each on its own stream, stepping at the same time
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    pairs = []
+    for k, s in enumerate(streams):
+        ps = [torch.nn.Parameter(torch.randn(70_000 + k, device=dev)) for _ in range(3)]
+        pairs.append((fusedopt.Adam(ps, lr=1e-3) if k else fusedopt.SGD(ps, lr=1e-2, momentum=0.9), ps, s))
+    for _ in range(3):
+        for opt, ps, s in pairs:
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            s.wait_stream(torch.cuda.current_stream())
+        for opt, ps, s in pairs:
+            with torch.cuda.stream(s):
+                opt.step()
+        for _, _, s in pairs:
+            torch.cuda.current_stream().wait_stream(s)
     # graph capture with a tensor lr changed between replays
     model = torch.nn.Linear(64, 64).to(dev)
     lr = torch.tensor(0.01, device=dev)
