@@ -5,6 +5,7 @@ Examples::
     fusedopt-bench                                  # defaults: CPU + every GPU, fp32, 4 presets
     fusedopt-bench --quick --out /tmp/bench         # tiny sizes, seconds; writes json/md/png
     fusedopt-bench --devices cuda --dtypes fp32 bf16 --optimizers adam adamw --out results/
+    fusedopt-bench --distributed fsdp2 --nproc 2   # FSDP2-sharded model, one process per rank
 """
 
 from __future__ import annotations
@@ -101,11 +102,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny presets, 1 warm-up, 3 reps: a smoke test that finishes in seconds")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--distributed", choices=["fsdp2"], metavar="KIND",
+                   help="fsdp2: time the step on a model sharded with torch.distributed.fsdp.fully_shard over "
+                        "--nproc spawned processes (DTensor params; gloo on CPU, NCCL with a GPU per rank), "
+                        "fusedopt against torch on the same DTensors; defaults there: --presets gpt2-small "
+                        "--optimizers adamw, one --devices entry (cpu or cuda). --presets many-4k is where "
+                        "torch's DTensor dispatch dominates, but its first steps take ~1 min there")
+    p.add_argument("--nproc", type=int, default=2, help="--distributed: number of ranks (default: 2)")
     return p
+
+
+def _main_distributed(args) -> int:
+    from fusedopt.bench import distributed
+
+    presets = _choose("preset", _split(args.presets) or list(distributed.DEFAULT_PRESETS), PRESETS)
+    optimizers = _choose("optimizer", _split(args.optimizers) or list(distributed.DEFAULT_OPTIMIZERS), OPTIMIZERS)
+    impls = [i for i in _choose("impl", _split(args.impls) or list(IMPLS), IMPLS) if not IMPLS[i].graph]
+    dtypes = [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])]
+    dtypes = _choose("dtype", dtypes, DTYPES)
+    devices = _split(args.devices) or [None]
+    if len(dtypes) != 1 or len(devices) != 1 or devices[0] not in (None, "cpu", "cuda"):
+        raise SystemExit("fusedopt-bench: --distributed takes one --dtypes entry and one --devices entry (cpu or cuda)")
+    if args.nproc < 1:
+        raise SystemExit("fusedopt-bench: --nproc must be >= 1")
+    if args.reps is not None and args.reps < 1:
+        raise SystemExit("fusedopt-bench: --reps must be >= 1")
+    try:
+        res = distributed.run(args.distributed, args.nproc, presets, optimizers, impls,
+                              dtype=str(DTYPES[dtypes[0]]).removeprefix("torch."), device=devices[0],
+                              quick=args.quick, warmup=args.warmup, reps=args.reps, budget_s=args.budget,
+                              rounds=args.rounds, interleave=not args.no_interleave, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"fusedopt-bench: {e}") from None
+    print(distributed.format_table(res))
+    if args.out:
+        paths = distributed.write_results(res, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        return _main_distributed(args)
     presets = _choose("preset", _split(args.presets) or list(DEFAULT_PRESETS), PRESETS)
     dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])], DTYPES)
     optimizers = _choose("optimizer", _split(args.optimizers) or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)

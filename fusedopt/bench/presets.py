@@ -11,6 +11,8 @@ Presets
                 ln_1 w/b, attn.c_attn 768x2304 (+2304 bias), attn.c_proj 768x768 (+768),
                 ln_2 w/b, mlp.c_fc 768x3072 (+3072), mlp.c_proj 3072x768 (+768), and ln_f w/b.
 ``many-small``  10,000 tensors of 1,024 elements: launch/dispatch overhead dominates.
+``many-4k``     1,000 tensors of 4,096 elements: the FSDP2 case of ``--distributed fsdp2``, where
+                torch's per-op DTensor dispatch dominates its step (not in the default run).
 ``huge``        one tensor, sized to the device (64M elements on CPU, 256M on a GPU).
 ``llama``       Llama-7B-style list (embed_tokens, per layer q/k/v/o, gate/up/down, two
                 RMSNorm weights, final norm, untied lm_head), scaled to the device: on CPU
@@ -107,6 +109,11 @@ def _many_small(device: torch.device, quick: bool) -> Preset:
     return Preset("many-small", [(1024,)] * n, f"{'quick: ' if quick else ''}{n:,} tensors x 1,024 elements")
 
 
+def _many_4k(device: torch.device, quick: bool) -> Preset:
+    n, k = (100, 512) if quick else (1_000, 4_096)
+    return Preset("many-4k", [(k,)] * n, f"{'quick: ' if quick else ''}{n:,} tensors x {k:,} elements")
+
+
 def _huge(device: torch.device, quick: bool) -> Preset:
     if quick:
         n = 1 << 18
@@ -154,6 +161,7 @@ def _llama(device: torch.device, quick: bool) -> Preset:
 PRESETS: dict[str, Callable[[torch.device, bool], Preset]] = {
     "gpt2-small": _gpt2,
     "many-small": _many_small,
+    "many-4k": _many_4k,
     "huge": _huge,
     "llama": _llama,
 }

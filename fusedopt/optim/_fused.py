@@ -8,14 +8,24 @@ the state replaced (``load_state_dict``), a structural hyperparameter flipped (`
 ``momentum`` on/off), or the set of params with a gradient changing. Each step still re-reads
 the gradients, the state tensors and every hyperparameter, so edits to ``param_groups`` or to
 state entries take effect at the next step.
+
+DTensor params (FSDP2's ``fully_shard``, tensor parallelism) are stepped on their local shards:
+the op sees only plain tensors, so no sharding propagation runs per step. The plan holds each
+DTensor param's local shard and its state dict mapped to local tensors; the state itself stays
+DTensor, laid out like the param, so ``torch.distributed.checkpoint`` sees what it sees with
+torch.optim. Each step checks by identity that neither FSDP2 (``load_state_dict``,
+``module.to``) nor the user replaced a local param or a state tensor (the plan is rebuilt if so),
+binds the local grads to the local params' ``.grad`` for the op call, and unbinds them after it.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+import sys
 from collections import defaultdict
 from functools import partial
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -26,6 +36,22 @@ from fusedopt.ops import _lr_entry, hyper_table, on_device
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)\]")
+_local_of = operator.attrgetter("_local_tensor")
+_spec_of = operator.attrgetter("_spec")
+_grad_of = operator.attrgetter("grad")
+
+
+def _dtensor_type():
+    """DTensor's class if torch.distributed.tensor is loaded, else None: a DTensor cannot exist
+    before its module is imported, so fusedopt never imports it (nor pays for it) itself."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor; any other tensor as it is."""
+    dt = _dtensor_type()
+    return t._local_tensor if dt is not None and isinstance(t, dt) else t
 
 
 class _TrackedState(defaultdict):
@@ -67,12 +93,23 @@ class _Batch:
     """What one op call on one device needs, ordered group by group."""
 
     __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra", "plain",
-                 "state_params", "state_dicts")
+                 "state_params", "state_dicts", "dtensor", "owners", "owner_states", "specs", "unwrapped")
 
-    def __init__(self, device: torch.device, num_groups: int):
+    def __init__(self, device: torch.device, num_groups: int, dtensor: bool = False):
         self.device = device
+        # What the op reads: the params and their state dicts; for a DTensor batch, the local
+        # shards and dicts of the local state tensors.
         self.params: list[Tensor] = []
         self.states: list[dict] = []
+        # The params as param_groups holds them (the keys of self.state) and their state dicts
+        # in self.state: the same lists as params / states unless the batch is of DTensors.
+        self.dtensor = dtensor
+        self.owners: list[Tensor] = [] if dtensor else self.params
+        self.owner_states: list[dict] = [] if dtensor else self.states
+        self.specs: list = []  # DTensor batch: each param's DTensorSpec, which its grad must match
+        # DTensor batch: (state dict, key, tensor) of every state tensor the plan unwrapped, as
+        # three lists, so that checking them all for replacement is three C-level maps.
+        self.unwrapped: tuple[list, list, list] = ([], [], [])
         self.group_sizes = [0] * num_groups
         self.origin: list[tuple[int, int]] = []  # (group index, index in group['params'])
         self.complex_idx: list[int] = []
@@ -173,8 +210,10 @@ class FusedStepMixin:
 
     def _build_plan(self, signature) -> _Plan:
         name = type(self).__name__
-        batches: dict[torch.device, _Batch] = {}
+        dtensor = _dtensor_type()
+        batches: dict[tuple[torch.device, bool], _Batch] = {}
         without_grad: list[Tensor] = []
+        first: dict[bool, str] = {}  # is a DTensor -> where the first such param is
         n = len(self.param_groups)
         for gi, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
@@ -188,14 +227,42 @@ class FusedStepMixin:
                         f"fusedopt.{name} does not support sparse gradients ({where} has one); "
                         + self._sparse_hint
                     )
+                is_dt = dtensor is not None and isinstance(p, dtensor)
+                first.setdefault(is_dt, where)
+                if len(first) > 1:
+                    raise RuntimeError(
+                        f"fusedopt.{name}: {first[False]} is a plain tensor but {first[True]} is a "
+                        "DTensor; one optimizer steps either DTensor params (fully_shard, tensor "
+                        "parallel) or plain ones, as torch.optim's foreach and fused steps require: "
+                        "shard the module that holds the plain one, or give it its own optimizer"
+                    )
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
-                batch = batches.get(p.device)
+                batch = batches.get((p.device, is_dt))
                 if batch is None:
-                    batch = batches[p.device] = _Batch(p.device, n)
+                    batch = batches[(p.device, is_dt)] = _Batch(p.device, n, dtensor=is_dt)
                 if state:
                     batch.state_params.append(p)
                     batch.state_dicts.append(state)
+                if is_dt:
+                    if any(pl.is_partial() for pl in p.placements):
+                        # its value is a sum over ranks: an update of each rank's term alone is wrong
+                        raise RuntimeError(
+                            f"fusedopt.{name}: {where} is a DTensor with placements {tuple(p.placements)}; "
+                            "fusedopt steps Shard and Replicate placements, not Partial ones"
+                        )
+                    _check_layout(name, where, p, grad, "its grad")
+                    batch.owners.append(p)
+                    batch.owner_states.append(state)
+                    batch.specs.append(p._spec)
+                    dicts, keys, values = batch.unwrapped
+                    for key, value in state.items():
+                        if isinstance(value, Tensor):
+                            dicts.append(state)
+                            keys.append(key)
+                            values.append(value)
+                    state = _local_state(name, where, p, state)
+                    p = p._local_tensor
                 if torch.is_complex(p):
                     batch.complex_idx.append(len(batch.params))
                 if type(p) not in _PLAIN_TYPES:
@@ -224,6 +291,48 @@ class FusedStepMixin:
         ):
             plan = self._plan = self._build_plan(signature)
         return plan
+
+    def _bind_local_grads(self, batch: _Batch) -> bool:
+        """Point each local param's ``.grad`` at its DTensor grad's local tensor, so that the op
+        and the fast entry read a DTensor batch like any other. False, having bound nothing: a
+        param lost its grad, FSDP2 replaced a local tensor, or a state tensor was replaced; the
+        plan is stale."""
+        owners = batch.owners
+        if not all(map(operator.is_, map(_local_of, owners), batch.params)):
+            return False
+        dicts, keys, values = batch.unwrapped
+        try:  # a state tensor replaced by hand is honoured at the next step, as for plain params
+            if not all(map(operator.is_, map(operator.getitem, dicts, keys), values)):
+                return False
+        except KeyError:
+            return False
+        with torch._C.DisableTorchFunctionSubclass():  # DTensor's .grad getter, without the detour
+            grads = list(map(_grad_of, owners))
+        if any(map(_is_none, grads)):
+            return False
+        # FSDP2 makes each grad with its param's own spec object: one identity test per param
+        try:
+            same = all(map(operator.is_, map(_spec_of, grads), batch.specs))
+        except AttributeError:  # a grad that is not a DTensor
+            same = False
+        if not same:
+            for i, p, g in zip(range(len(grads)), owners, grads):
+                if _layout_mismatch(p, g):
+                    _check_layout(type(self).__name__, _where(batch, i), p, g, "its grad")
+        local = list(map(_local_of, grads))
+        try:
+            list(map(setattr, batch.params, repeat("grad"), local))
+        except (RuntimeError, TypeError):  # e.g. a grad of another dtype than its param
+            _unbind_local_grads(batch)
+            for i, (lp, g) in enumerate(zip(batch.params, local)):
+                if g.dtype != lp.dtype or g.shape != lp.shape or g.device != lp.device:
+                    raise RuntimeError(
+                        f"fusedopt.{type(self).__name__}: {_where(batch, i)} is a DTensor whose "
+                        f"local shard is {tuple(lp.shape)} {lp.dtype} on {lp.device} but its grad's "
+                        f"is {tuple(g.shape)} {g.dtype} on {g.device}"
+                    ) from None
+            raise
+        return True
 
     @staticmethod
     def _use_plan_entry(batch: _Batch) -> bool:
@@ -255,11 +364,17 @@ class FusedStepMixin:
             for batch in plan.batches:
                 if batch.device in done:
                     continue
-                try:
-                    ran = self._launch(batch, on_device(grad_scale, batch.device),
-                                       on_device(found_inf, batch.device))
-                except (RuntimeError, TypeError, ValueError) as e:
-                    raise _locate(e, batch) from None
+                if batch.dtensor and not self._bind_local_grads(batch):
+                    ran = False
+                else:
+                    try:
+                        ran = self._launch(batch, on_device(grad_scale, batch.device),
+                                           on_device(found_inf, batch.device))
+                    except (RuntimeError, TypeError, ValueError) as e:
+                        raise _locate(e, batch) from None
+                    finally:
+                        if batch.dtensor:
+                            _unbind_local_grads(batch)
                 if not ran:  # a param lost its grad or a state entry since the plan was built
                     stale = True
                     break
@@ -268,6 +383,65 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
+
+
+def _unbind_local_grads(batch: _Batch) -> None:
+    # the local grads must not outlive the step: FSDP2 frees its grads at zero_grad
+    list(map(setattr, batch.params, repeat("grad"), repeat(None, len(batch.params))))
+
+
+def _where(batch: _Batch, i: int) -> str:
+    g, k = batch.origin[i]
+    return f"param_groups[{g}]['params'][{k}]"
+
+
+def _check_layout(name: str, where: str, p: Tensor, t, what: str) -> None:
+    """Raise unless ``t`` (a DTensor param's grad or state tensor) is a DTensor laid out like
+    ``p``: same mesh, placements and global shape, so their local shards line up."""
+    problem = _layout_mismatch(p, t)
+    if problem:
+        layout = f" {problem[0]}" if problem[0] else ""
+        raise RuntimeError(f"fusedopt.{name}: {where} is a DTensor{layout} but {what} {problem[1]}")
+
+
+def _layout_mismatch(p: Tensor, t) -> tuple[str, str] | None:
+    ps = p._spec
+    ts = getattr(t, "_spec", None)
+    if ts is ps:
+        return None
+    if ts is None:
+        return "", (f"is a {type(t).__name__}, not a DTensor; its local shard would not line up "
+                    "with the param's")
+    if not (ts.mesh is ps.mesh or ts.mesh == ps.mesh):
+        return f"on {ps.mesh}", f"is on {ts.mesh}"
+    if ts.placements != ps.placements:
+        return f"with placements {tuple(ps.placements)}", f"has {tuple(ts.placements)}"
+    if ts.tensor_meta.shape != ps.tensor_meta.shape:
+        return f"of global shape {tuple(ps.shape)}", f"has {tuple(ts.shape)}"
+    return None
+
+
+def _local_state(name: str, where: str, p: Tensor, state: dict) -> dict:
+    """A DTensor param's state dict with its tensors replaced by their local shards. Every state
+    tensor but the step counter must be laid out like the param; a DTensor step counter (a
+    replicated scalar) is stepped through its local tensor too."""
+    dtensor = _dtensor_type()
+    local = {}
+    for key, value in state.items():
+        if key == "step":
+            local[key] = value._local_tensor if isinstance(value, dtensor) else value
+        elif isinstance(value, Tensor):
+            if not isinstance(value, dtensor):
+                raise RuntimeError(
+                    f"fusedopt.{name}: {where} is a DTensor but its state {key!r} is a plain "
+                    f"{type(value).__name__} (an optimizer state_dict saved unsharded?); load "
+                    "sharded state with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+                )
+            _check_layout(name, where, p, value, f"its state {key!r}")
+            local[key] = value._local_tensor
+        else:
+            local[key] = value
+    return local
 
 
 def _locate(e: Exception, batch: _Batch) -> Exception:

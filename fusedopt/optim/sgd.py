@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fusedopt.ops import SGD_COLUMNS
 from fusedopt._extension import require
-from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, real_views
+from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, local_tensor, real_views
 
 
 class SGD(FusedStepMixin, torch.optim.SGD):
@@ -51,6 +51,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
     def _prepare_state(self, p: Tensor, group: dict, state: dict) -> None:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = local_tensor(buf)  # what the op sees of a DTensor buffer
             self._fresh[id(buf)] = buf
 
     _columns = SGD_COLUMNS
@@ -96,10 +97,10 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                 if skipped:
                     # torch creates no buffer on a skipped step: drop the ones made for this
                     # one, so the state is torch's exactly and the next step makes them again
-                    state = batch.states[i]
+                    state = batch.owner_states[i]
                     del state["momentum_buffer"]
                     if not state:
-                        self.state.pop(batch.params[i], None)
+                        self.state.pop(batch.owners[i], None)
             if skipped:
                 self._plan = None
         return True
