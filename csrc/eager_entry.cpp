@@ -82,14 +82,23 @@ class Borrowed {
 // Reads what one op call needs straight from the plan: each param's .grad and its state
 // dict's tensors. Returns false, having changed nothing, when a param has no grad or a state
 // entry is missing: the caller rebuilds its plan (lazy state, params gaining or losing grads).
+//
+// For DTensor params (FSDP2), `owners` holds the DTensors and `params` their local shards: each
+// grad is then read as the owner's grad's local shard, here, instead of being bound to the local
+// param in Python first. Such a read also returns false when FSDP2 replaced a local shard or a
+// grad is not laid out by its param's own spec object; the caller's slower path then checks the
+// layouts and reports what is wrong.
 class PlanReader {
  public:
-  PlanReader(py::handle params, py::handle states, py::handle flags)
-      : params_(params.ptr()), states_(states.ptr()), flags_(flags.ptr()) {
+  PlanReader(py::handle params, py::handle states, py::handle flags, py::handle owners)
+      : params_(params.ptr()), states_(states.ptr()), flags_(flags.ptr()),
+        owners_(owners.is_none() ? nullptr : owners.ptr()) {
     if (!PyList_Check(params_) || !PyList_Check(states_) || !PyList_Check(flags_) ||
         PyList_GET_SIZE(states_) != PyList_GET_SIZE(params_) ||
-        PyList_GET_SIZE(flags_) != PyList_GET_SIZE(params_)) {
-      throw py::type_error("params, states and flags must be lists of the same length");
+        PyList_GET_SIZE(flags_) != PyList_GET_SIZE(params_) ||
+        (owners_ != nullptr &&
+         (!PyList_Check(owners_) || PyList_GET_SIZE(owners_) != PyList_GET_SIZE(params_)))) {
+      throw py::type_error("params, states, flags (and owners) must be lists of the same length");
     }
   }
   Py_ssize_t size() const { return PyList_GET_SIZE(params_); }
@@ -97,6 +106,7 @@ class PlanReader {
 
   // false: no grad
   bool param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
+    if (owners_ != nullptr) return local_param_and_grad(i, params, grads);
     PyObject* p = PyList_GET_ITEM(params_, i);
     if (!THPVariable_Check(p)) throw py::type_error("params[" + std::to_string(i) + "] is not a tensor");
     const at::Tensor& t = THPVariable_Unpack(p);
@@ -106,6 +116,29 @@ class PlanReader {
     grads.push(g);
     return true;
   }
+  // DTensor params: false when the shard was replaced, there is no grad, or the grad is not
+  // laid out by the param's own spec object.
+  bool local_param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
+    static PyObject* const k_local = PyUnicode_InternFromString("_local_tensor");
+    static PyObject* const k_spec = PyUnicode_InternFromString("_spec");
+    PyObject* owner = PyList_GET_ITEM(owners_, i);
+    PyObject* local = PyList_GET_ITEM(params_, i);
+    if (!THPVariable_Check(owner) || !THPVariable_Check(local)) return false;
+    const py::object shard = attr(owner, k_local);
+    if (shard.ptr() != local) return false;
+    const at::Tensor& g = THPVariable_Unpack(owner).grad();
+    if (!g.defined()) return false;
+    // the grad's Python object (a DTensor, kept alive by the param for the whole call)
+    const py::object grad = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+    const py::object grad_spec = attr(grad.ptr(), k_spec), spec = attr(owner, k_spec);
+    if (!grad_spec || grad_spec.ptr() != spec.ptr()) return false;
+    const py::object grad_local = attr(grad.ptr(), k_local);
+    if (!grad_local || !THPVariable_Check(grad_local.ptr())) return false;
+    params.push(THPVariable_Unpack(local));
+    grads.push(THPVariable_Unpack(grad_local.ptr()));
+    return true;
+  }
+
   // false: the key is missing (or holds no tensor)
   bool state(Py_ssize_t i, PyObject* key, Borrowed& out) {
     PyObject* d = PyList_GET_ITEM(states_, i);
@@ -116,9 +149,17 @@ class PlanReader {
   }
 
  private:
+  // obj.name, or a null object (the error cleared) when it has none
+  static py::object attr(PyObject* obj, PyObject* name) {
+    PyObject* v = PyObject_GetAttr(obj, name);
+    if (v == nullptr) PyErr_Clear();
+    return py::reinterpret_steal<py::object>(v);
+  }
+
   PyObject* params_;
   PyObject* states_;
   PyObject* flags_;
+  PyObject* owners_;  // DTensor params whose local shards `params_` holds, or null
 };
 
 // The arguments both ops share after the per-tensor lists.
@@ -144,7 +185,7 @@ PyObject* interned(const char* s) {
 bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_flags,
                     const std::vector<int64_t>& group_sizes, py::handle hyper,
                     py::handle lr_tensors, py::handle grad_scale, py::handle found_inf,
-                    py::handle schedule_state, py::handle schedule) {
+                    py::handle schedule_state, py::handle schedule, py::handle owners) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedopt::adam_", "")
                              .typed<AdamSig>();
@@ -152,7 +193,7 @@ bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_fla
   static PyObject* const k_exp_avg_sq = interned("exp_avg_sq");
   static PyObject* const k_max = interned("max_exp_avg_sq");
   static PyObject* const k_step = interned("step");
-  PlanReader plan(params, states, amsgrad_flags);
+  PlanReader plan(params, states, amsgrad_flags, owners);
   const auto n = static_cast<size_t>(plan.size());
   Borrowed p(n), g(n), m(n), v(n), vm, st(n);
   for (Py_ssize_t i = 0; i < plan.size(); ++i) {
@@ -172,12 +213,13 @@ bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_fla
 bool sgd_plan_step(py::handle params, py::handle states, py::handle momentum_flags,
                    const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
                    const std::vector<int64_t>& fresh_buffers, py::handle grad_scale,
-                   py::handle found_inf, py::handle schedule_state, py::handle schedule) {
+                   py::handle found_inf, py::handle schedule_state, py::handle schedule,
+                   py::handle owners) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedopt::sgd_", "")
                              .typed<SgdSig>();
   static PyObject* const k_buf = interned("momentum_buffer");
-  PlanReader plan(params, states, momentum_flags);
+  PlanReader plan(params, states, momentum_flags, owners);
   const auto n = static_cast<size_t>(plan.size());
   Borrowed p(n), g(n), b(n);
   for (Py_ssize_t i = 0; i < plan.size(); ++i) {
@@ -193,10 +235,19 @@ bool sgd_plan_step(py::handle params, py::handle states, py::handle momentum_fla
 }  // namespace
 
 void register_eager_entry(py::module_& m) {
-  m.def("adam_plan_step", &adam_plan_step,
+  m.def("adam_plan_step", &adam_plan_step, py::arg("params"), py::arg("states"),
+        py::arg("amsgrad_flags"), py::arg("group_sizes"), py::arg("hyper"), py::arg("lr_tensors"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
+        py::arg("schedule"), py::arg("owners") = py::none(),
         "torch.ops.fusedopt.adam_ on a plan (params, their state dicts, amsgrad flags): grads and "
-        "state tensors are read here, without boxing. False, with nothing changed: the plan is stale.");
-  m.def("sgd_plan_step", &sgd_plan_step,
+        "state tensors are read here, without boxing. With owners (DTensor params whose local "
+        "shards params holds), grads are read from them. False, with nothing changed: the plan "
+        "is stale.");
+  m.def("sgd_plan_step", &sgd_plan_step, py::arg("params"), py::arg("states"),
+        py::arg("momentum_flags"), py::arg("group_sizes"), py::arg("hyper"),
+        py::arg("lr_tensors"), py::arg("fresh_buffers"), py::arg("grad_scale"),
+        py::arg("found_inf"), py::arg("schedule_state"), py::arg("schedule"),
+        py::arg("owners") = py::none(),
         "torch.ops.fusedopt.sgd_ on a plan (params, their state dicts, momentum flags). False, "
         "with nothing changed: the plan is stale.");
 }

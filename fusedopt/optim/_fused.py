@@ -14,8 +14,9 @@ the op sees only plain tensors, so no sharding propagation runs per step. The pl
 DTensor param's local shard and its state dict mapped to local tensors; the state itself stays
 DTensor, laid out like the param, so ``torch.distributed.checkpoint`` sees what it sees with
 torch.optim. Each step checks by identity that neither FSDP2 (``load_state_dict``,
-``module.to``) nor the user replaced a local param or a state tensor (the plan is rebuilt if so),
-binds the local grads to the local params' ``.grad`` for the op call, and unbinds them after it.
+``module.to``) nor the user replaced a local param or a state tensor (the plan is rebuilt if so);
+the eager entry reads each local grad from its DTensor grad in C++ (elsewhere, the local grads are
+bound to the local params' ``.grad`` for the op call and unbound after it).
 """
 
 from __future__ import annotations
@@ -292,6 +293,22 @@ class FusedStepMixin:
             plan = self._plan = self._build_plan(signature)
         return plan
 
+    def _launch_dtensor(self, batch: _Batch, grad_scale, found_inf) -> bool:
+        """The step of a DTensor batch. The fast entry reads each local grad from its DTensor in
+        C++; when it cannot (a grad laid out by another spec object, a replaced shard: it changes
+        nothing then), the local grads are bound in Python, which checks layouts and names what is
+        wrong."""
+        if not _states_intact(batch):
+            return False
+        if self._use_plan_entry(batch) and self._launch(batch, grad_scale, found_inf, owners=batch.owners):
+            return True
+        if not self._bind_local_grads(batch):
+            return False
+        try:
+            return self._launch(batch, grad_scale, found_inf)
+        finally:
+            _unbind_local_grads(batch)
+
     def _bind_local_grads(self, batch: _Batch) -> bool:
         """Point each local param's ``.grad`` at its DTensor grad's local tensor, so that the op
         and the fast entry read a DTensor batch like any other. False, having bound nothing: a
@@ -299,12 +316,6 @@ class FusedStepMixin:
         plan is stale."""
         owners = batch.owners
         if not all(map(operator.is_, map(_local_of, owners), batch.params)):
-            return False
-        dicts, keys, values = batch.unwrapped
-        try:  # a state tensor replaced by hand is honoured at the next step, as for plain params
-            if not all(map(operator.is_, map(operator.getitem, dicts, keys), values)):
-                return False
-        except KeyError:
             return False
         with torch._C.DisableTorchFunctionSubclass():  # DTensor's .grad getter, without the detour
             grads = list(map(_grad_of, owners))
@@ -364,17 +375,11 @@ class FusedStepMixin:
             for batch in plan.batches:
                 if batch.device in done:
                     continue
-                if batch.dtensor and not self._bind_local_grads(batch):
-                    ran = False
-                else:
-                    try:
-                        ran = self._launch(batch, on_device(grad_scale, batch.device),
-                                           on_device(found_inf, batch.device))
-                    except (RuntimeError, TypeError, ValueError) as e:
-                        raise _locate(e, batch) from None
-                    finally:
-                        if batch.dtensor:
-                            _unbind_local_grads(batch)
+                gs, fi = on_device(grad_scale, batch.device), on_device(found_inf, batch.device)
+                try:
+                    ran = self._launch_dtensor(batch, gs, fi) if batch.dtensor else self._launch(batch, gs, fi)
+                except (RuntimeError, TypeError, ValueError) as e:
+                    raise _locate(e, batch) from None
                 if not ran:  # a param lost its grad or a state entry since the plan was built
                     stale = True
                     break
@@ -383,6 +388,17 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
+
+
+def _states_intact(batch: _Batch) -> bool:
+    """Whether every state tensor of a DTensor batch is still the one the plan unwrapped: a state
+    tensor replaced by hand is honoured at the next step (the plan is rebuilt), as for plain
+    params."""
+    dicts, keys, values = batch.unwrapped
+    try:
+        return all(map(operator.is_, map(operator.getitem, dicts, keys), values))
+    except KeyError:
+        return False
 
 
 def _unbind_local_grads(batch: _Batch) -> None:

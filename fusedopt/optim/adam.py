@@ -60,12 +60,12 @@ class _FusedAdamStep(FusedStepMixin):
                     amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled=group["decoupled_weight_decay"])
 
-    def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
+    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None) -> bool:
         hyper, lr_tensors, sched = self._group_args(batch.device)
         if self._use_plan_entry(batch):
             return require().adam_plan_step(
                 batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
-                grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"))
+                grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"), owners)
         grads = [p.grad for p in batch.params]
         if any(map(_is_none, grads)):
             return False

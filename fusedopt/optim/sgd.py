@@ -61,7 +61,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
-    def _launch(self, batch: _Batch, grad_scale, found_inf) -> bool:
+    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None) -> bool:
         hyper, lr_tensors, sched = self._group_args(batch.device)
         fresh: list[int] = []
         fresh_bufs: list[Tensor] = []
@@ -76,7 +76,7 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         if self._use_plan_entry(batch):
             ran = require().sgd_plan_step(
                 batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
-                fresh, grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"))
+                fresh, grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"), owners)
             if not ran:
                 return False
         else:

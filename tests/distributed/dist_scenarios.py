@@ -547,3 +547,28 @@ def fsdp2_local_tensors_replaced(ctx: Context) -> None:
     train(net, opt, ctx, 3, 2)
     train(ref, ref_opt, None, 3, 2)
     assert_matches_reference(net, opt, ref, ref_opt, "FSDP2 AdamW, shards and a state replaced")
+
+
+@scenario
+def fsdp2_grads_read_in_cpp(ctx: Context) -> None:
+    """The eager entry reads the local grads from the DTensor grads in C++; binding them to the
+    local params in Python (the slower path, kept for layouts it must check and name) is not
+    taken in an ordinary FSDP2 step, and the results are torch's."""
+    from fusedopt.optim import _fused
+
+    kw = dict(lr=0.02, weight_decay=0.1)
+    net = fsdp_net()
+    opt = fusedopt.AdamW(groups(net, kw["lr"]), **kw)
+    ref = make_net()
+    ref_opt = torch.optim.AdamW(groups(ref, kw["lr"]), foreach=False, **kw)
+    bound = []
+    original = _fused.FusedStepMixin._bind_local_grads
+    _fused.FusedStepMixin._bind_local_grads = lambda self, batch: bound.append(1) or original(self, batch)
+    try:
+        train(net, opt, ctx, 0, STEPS)
+    finally:
+        _fused.FusedStepMixin._bind_local_grads = original
+    train(ref, ref_opt, None, 0, STEPS)
+    assert not bound, f"the Python grad binding ran {len(bound)} times"
+    assert all(p.grad is None for p in opt._plan.batches[0].params), "local grads left bound"
+    assert_matches_reference(net, opt, ref, ref_opt, "FSDP2 AdamW, grads read in C++")

@@ -24,6 +24,7 @@ NAMES = [
     "fsdp2_grad_scaler_agrees_to_skip",
     "fsdp2_in_kernel_schedule",
     "fsdp2_local_tensors_replaced",
+    "fsdp2_grads_read_in_cpp",
     "dcp_resume_is_bitwise",
     "dcp_torch_checkpoint_into_fusedopt",
     "dcp_fusedopt_checkpoint_into_torch",
