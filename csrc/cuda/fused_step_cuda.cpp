@@ -22,6 +22,7 @@
 #include "../step_args.h"
 #include "device_tables.h"
 #include "host_tables.h"
+#include "kernel_ops.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -250,44 +251,19 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   table_cache().mark_used(tensors.table, stream.stream(), capturing);
 }
 
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-               at::TensorList state_steps, c10::IntArrayRef group_sizes, const at::Tensor& hyper,
-               at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
-               const std::optional<at::Tensor>& schedule) {
-  const char* op = "fusedopt::adam_";
-  const StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
-                                          max_exp_avg_sqs, state_steps, group_sizes, hyper,
-                                          lr_tensors, grad_scale, found_inf, schedule_state,
-                                          schedule);
-  check_kernel_steps(op, state_steps);
-  launch(op, args, grad_scale, found_inf, Rule::adam);
-}
-
-void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              c10::IntArrayRef group_sizes, const at::Tensor& hyper, at::TensorList lr_tensors,
-              c10::IntArrayRef fresh_buffers, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
-              const std::optional<at::Tensor>& schedule) {
-  const char* op = "fusedopt::sgd_";
-  const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes, hyper,
-                                         lr_tensors, fresh_buffers, grad_scale, found_inf,
-                                         schedule_state, schedule);
-  launch(op, args, grad_scale, found_inf, Rule::sgd);
-}
-
 }  // namespace
 
+using CudaOps = KernelOps<launch>;
+
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  m.impl("adam_", &adam_cuda);
-  m.impl("sgd_", &sgd_cuda);
+  m.impl("adam_", &CudaOps::adam);
+  m.impl("sgd_", &CudaOps::sgd);
 }
 
 // Sparse gradients reach the shared validation, which names the offending tensor.
 TORCH_LIBRARY_IMPL(fusedopt, SparseCUDA, m) {
-  m.impl("adam_", &adam_cuda);
-  m.impl("sgd_", &sgd_cuda);
+  m.impl("adam_", &CudaOps::adam);
+  m.impl("sgd_", &CudaOps::sgd);
 }
 
 }  // namespace cuda

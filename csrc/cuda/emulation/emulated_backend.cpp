@@ -17,6 +17,7 @@
 #include "../../update_rules.h"
 #include "../device_tables.h"
 #include "../host_tables.h"
+#include "../kernel_ops.h"
 #include "cuda_shim.h"
 
 namespace fusedopt {
@@ -105,34 +106,7 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   ++config().launches;
 }
 
-void adam_emulated(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::TensorList state_steps, c10::IntArrayRef group_sizes,
-                   const at::Tensor& hyper, at::TensorList lr_tensors,
-                   const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
-                   const std::optional<at::Tensor>& schedule) {
-  const char* op = "fusedopt::adam_";
-  const StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
-                                          max_exp_avg_sqs, state_steps, group_sizes, hyper,
-                                          lr_tensors, grad_scale, found_inf, schedule_state,
-                                          schedule);
-  check_kernel_steps(op, state_steps);
-  launch(op, args, grad_scale, found_inf, Rule::adam);
-}
-
-void sgd_emulated(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  c10::IntArrayRef group_sizes, const at::Tensor& hyper,
-                  at::TensorList lr_tensors, c10::IntArrayRef fresh_buffers,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
-                  const std::optional<at::Tensor>& schedule) {
-  const char* op = "fusedopt::sgd_";
-  const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes, hyper,
-                                         lr_tensors, fresh_buffers, grad_scale, found_inf,
-                                         schedule_state, schedule);
-  launch(op, args, grad_scale, found_inf, Rule::sgd);
-}
+using EmulatedOps = KernelOps<launch>;
 
 }  // namespace
 }  // namespace cuda
@@ -150,14 +124,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     const Tensors& state_steps, const Ints& group_sizes, const at::Tensor& hyper,
                     const Tensors& lr_tensors, const Opt& grad_scale, const Opt& found_inf,
                     const Tensors& schedule_state, const Opt& schedule) {
-    adam_emulated(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes,
+    EmulatedOps::adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes,
                   hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
   }, "fusedopt::adam_ on CPU tensors through the emulated CUDA kernels");
   m.def("sgd_", [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
                    const Ints& group_sizes, const at::Tensor& hyper, const Tensors& lr_tensors,
                    const Ints& fresh_buffers, const Opt& grad_scale, const Opt& found_inf,
                    const Tensors& schedule_state, const Opt& schedule) {
-    sgd_emulated(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors, fresh_buffers,
+    EmulatedOps::sgd(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors, fresh_buffers,
                  grad_scale, found_inf, schedule_state, schedule);
   }, "fusedopt::sgd_ on CPU tensors through the emulated CUDA kernels");
   m.def("configure", [](int64_t grid, int64_t block, int64_t chunk_elems, bool concurrent,
