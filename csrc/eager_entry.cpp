@@ -17,6 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "step_args.h"  // rule_by_name
+#include "update_rules.h"
+
 namespace py = pybind11;
 
 namespace fusedopt {
@@ -38,13 +41,12 @@ struct BelowAutograd {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset_with_ADInplaceOrView};
 };
 
-using AdamSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                      at::TensorList, c10::IntArrayRef, const at::Tensor&, at::TensorList,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                     at::TensorList, const std::optional<at::Tensor>&);
-using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, const at::Tensor&,
-                    at::TensorList, c10::IntArrayRef, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&);
+                     c10::IntArrayRef, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, at::TensorList,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                     int64_t);
 
 // Tensors borrowed from Python objects for the length of one call: no refcount traffic (in
 // torch 2.14 the first C++ reference to a Python-owned tensor also increfs its PyObject),
@@ -74,6 +76,7 @@ class Borrowed {
     }
   }
   operator at::TensorList() const { return v_; }
+  const at::Tensor& back() const { return v_.back(); }
 
  private:
   std::vector<at::Tensor> v_;
@@ -90,19 +93,17 @@ class Borrowed {
 // layouts and reports what is wrong.
 class PlanReader {
  public:
-  PlanReader(py::handle params, py::handle states, py::handle flags, py::handle owners)
-      : params_(params.ptr()), states_(states.ptr()), flags_(flags.ptr()),
+  PlanReader(py::handle params, py::handle states, py::handle owners)
+      : params_(params.ptr()), states_(states.ptr()),
         owners_(owners.is_none() ? nullptr : owners.ptr()) {
-    if (!PyList_Check(params_) || !PyList_Check(states_) || !PyList_Check(flags_) ||
+    if (!PyList_Check(params_) || !PyList_Check(states_) ||
         PyList_GET_SIZE(states_) != PyList_GET_SIZE(params_) ||
-        PyList_GET_SIZE(flags_) != PyList_GET_SIZE(params_) ||
         (owners_ != nullptr &&
          (!PyList_Check(owners_) || PyList_GET_SIZE(owners_) != PyList_GET_SIZE(params_)))) {
-      throw py::type_error("params, states, flags (and owners) must be lists of the same length");
+      throw py::type_error("params, states (and owners) must be lists of the same length");
     }
   }
   Py_ssize_t size() const { return PyList_GET_SIZE(params_); }
-  bool flag(Py_ssize_t i) const { return PyObject_IsTrue(PyList_GET_ITEM(flags_, i)) == 1; }
 
   // false: no grad
   bool param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
@@ -158,7 +159,6 @@ class PlanReader {
 
   PyObject* params_;
   PyObject* states_;
-  PyObject* flags_;
   PyObject* owners_;  // DTensor params whose local shards `params_` holds, or null
 };
 
@@ -182,74 +182,94 @@ PyObject* interned(const char* s) {
   return PyUnicode_InternFromString(s);  // kept for the life of the process
 }
 
-bool adam_plan_step(py::handle params, py::handle states, py::handle amsgrad_flags,
-                    const std::vector<int64_t>& group_sizes, py::handle hyper,
-                    py::handle lr_tensors, py::handle grad_scale, py::handle found_inf,
-                    py::handle schedule_state, py::handle schedule, py::handle owners) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedopt::adam_", "")
-                             .typed<AdamSig>();
-  static PyObject* const k_exp_avg = interned("exp_avg");
-  static PyObject* const k_exp_avg_sq = interned("exp_avg_sq");
-  static PyObject* const k_max = interned("max_exp_avg_sq");
-  static PyObject* const k_step = interned("step");
-  PlanReader plan(params, states, amsgrad_flags, owners);
-  const auto n = static_cast<size_t>(plan.size());
-  Borrowed p(n), g(n), m(n), v(n), vm, st(n);
-  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
-    if (!plan.param_and_grad(i, p, g) || !plan.state(i, k_exp_avg, m) ||
-        !plan.state(i, k_exp_avg_sq, v) || !plan.state(i, k_step, st) ||
-        (plan.flag(i) && !plan.state(i, k_max, vm))) {
-      return false;
+// Each rule's state-dict keys as interned Python strings, in role order.
+struct RuleKeys {
+  PyObject* roles[kMaxStates] = {};
+  int num_roles = 0;
+  bool has_step = false;
+};
+
+const RuleKeys& rule_keys(RuleId id) {
+  static const auto table = [] {
+    std::vector<RuleKeys> t(kNumRules);
+    for (int i = 0; i < kNumRules; ++i) {
+      visit_rule(static_cast<RuleId>(i), [&](auto r) {
+        using R = decltype(r);
+        t[static_cast<size_t>(i)].num_roles = R::kStates;
+        t[static_cast<size_t>(i)].has_step = R::kHasStep;
+        for (int k = 0; k < R::kStates; ++k) t[static_cast<size_t>(i)].roles[k] = interned(R::kRoles[k]);
+      });
     }
-  }
-  const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
-  BelowAutograd below;
-  op.call(p, g, m, v, vm, st, group_sizes, a.hyper, a.lrs, a.grad_scale, a.found_inf,
-          a.schedule_state, a.schedule);
-  return true;
+    return t;
+  }();
+  return table[static_cast<size_t>(id)];
 }
 
-bool sgd_plan_step(py::handle params, py::handle states, py::handle momentum_flags,
-                   const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
-                   const std::vector<int64_t>& fresh_buffers, py::handle grad_scale,
-                   py::handle found_inf, py::handle schedule_state, py::handle schedule,
-                   py::handle owners) {
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// torch.ops.fusedopt.step_ on a plan: each param's grad, its state tensors (the roles its group
+// uses, by the rule's state-dict keys), its master and step counter are read here.
+bool plan_step(const std::string& rule, py::handle params, py::handle states,
+               const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
+               const std::vector<int64_t>& fresh, py::handle grad_scale, py::handle found_inf,
+               py::handle schedule_state, py::handle schedule, py::handle owners, py::handle clip,
+               int64_t master_mode, int64_t seed) {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedopt::sgd_", "")
-                             .typed<SgdSig>();
-  static PyObject* const k_buf = interned("momentum_buffer");
-  PlanReader plan(params, states, momentum_flags, owners);
-  const auto n = static_cast<size_t>(plan.size());
-  Borrowed p(n), g(n), b(n);
-  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
-    if (!plan.param_and_grad(i, p, g) || (plan.flag(i) && !plan.state(i, k_buf, b))) return false;
-  }
+                             .findSchemaOrThrow("fusedopt::step_", "")
+                             .typed<StepSig>();
+  static PyObject* const k_step = interned("step");
+  static PyObject* const k_master = interned("master_param");
+  static PyObject* const k_remainder = interned("master_remainder");
+  const RuleId id = rule_by_name("fusedopt.plan_step", rule);
+  const RuleKeys& keys = rule_keys(id);
   const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
+  TORCH_CHECK(a.hyper.device().is_cpu() && a.hyper.scalar_type() == at::kDouble && a.hyper.dim() == 2 &&
+                  a.hyper.is_contiguous() && a.hyper.size(0) == static_cast<int64_t>(group_sizes.size()),
+              "fusedopt.plan_step: hyper must be a contiguous float64 CPU table with a row per group");
+  const double* rows = a.hyper.data_ptr<double>();
+  const int64_t cols = a.hyper.size(1);
+  std::vector<uint32_t> group_roles(group_sizes.size());
+  for (size_t g = 0; g < group_sizes.size(); ++g) {
+    group_roles[g] = visit_rule(id, [&](auto r) { return role_mask<decltype(r)>(rows + g * cols); });
+  }
+  PyObject* const master_key = master_mode == 1 ? k_master : (master_mode == 2 ? k_remainder : nullptr);
+  PlanReader plan(params, states, owners);
+  const auto n = static_cast<size_t>(plan.size());
+  Borrowed p(n), g(n), st(n * static_cast<size_t>(keys.num_roles)), m, steps(keys.has_step ? n : 0);
+  size_t group = 0;
+  int64_t left = group_sizes.empty() ? 0 : group_sizes[0];
+  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
+    while (left == 0 && group + 1 < group_sizes.size()) left = group_sizes[++group];
+    --left;
+    if (!plan.param_and_grad(i, p, g)) return false;
+    const uint32_t roles = group_roles[group];
+    for (int k = 0; k < keys.num_roles; ++k) {
+      if ((roles & (1u << k)) && !plan.state(i, keys.roles[k], st)) return false;
+    }
+    if (master_key != nullptr && is_16bit(p.back()) && !plan.state(i, master_key, m)) return false;
+    if (keys.has_step && !plan.state(i, k_step, steps)) return false;
+  }
+  const std::optional<at::Tensor> clip_t = optional_tensor(clip, "clip");
   BelowAutograd below;
-  op.call(p, g, b, group_sizes, a.hyper, a.lrs, fresh_buffers, a.grad_scale, a.found_inf,
-          a.schedule_state, a.schedule);
+  op.call(rule, p, g, st, m, steps, group_sizes, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
+          a.schedule_state, a.schedule, clip_t, master_mode, seed);
   return true;
 }
 
 }  // namespace
 
 void register_eager_entry(py::module_& m) {
-  m.def("adam_plan_step", &adam_plan_step, py::arg("params"), py::arg("states"),
-        py::arg("amsgrad_flags"), py::arg("group_sizes"), py::arg("hyper"), py::arg("lr_tensors"),
+  m.def("plan_step", &plan_step, py::arg("rule"), py::arg("params"), py::arg("states"),
+        py::arg("group_sizes"), py::arg("hyper"), py::arg("lr_tensors"), py::arg("fresh"),
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
-        py::arg("schedule"), py::arg("owners") = py::none(),
-        "torch.ops.fusedopt.adam_ on a plan (params, their state dicts, amsgrad flags): grads and "
-        "state tensors are read here, without boxing. With owners (DTensor params whose local "
-        "shards params holds), grads are read from them. False, with nothing changed: the plan "
-        "is stale.");
-  m.def("sgd_plan_step", &sgd_plan_step, py::arg("params"), py::arg("states"),
-        py::arg("momentum_flags"), py::arg("group_sizes"), py::arg("hyper"),
-        py::arg("lr_tensors"), py::arg("fresh_buffers"), py::arg("grad_scale"),
-        py::arg("found_inf"), py::arg("schedule_state"), py::arg("schedule"),
-        py::arg("owners") = py::none(),
-        "torch.ops.fusedopt.sgd_ on a plan (params, their state dicts, momentum flags). False, "
-        "with nothing changed: the plan is stale.");
+        py::arg("schedule"), py::arg("owners") = py::none(), py::arg("clip") = py::none(),
+        py::arg("master_mode") = 0, py::arg("seed") = -1,
+        "torch.ops.fusedopt.step_ on a plan (params and their state dicts): grads, state tensors, "
+        "masters and step counters are read here, without boxing. With owners (DTensor params "
+        "whose local shards params holds), grads are read from them. False, with nothing changed: "
+        "the plan is stale.");
 }
 
 }  // namespace fusedopt

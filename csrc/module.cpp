@@ -82,19 +82,37 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("rows"), py::arg("t"), "The in-kernel schedule evaluator (flattened phase rows).");
   m.def("cpu_supports_build_isa", &cpu_supports_build_isa,
         "Whether this CPU runs the instruction set the CPU kernels were compiled for.");
-  m.attr("ADAM_COLUMNS") = columns({{"lr", adam_col::lr}, {"beta1", adam_col::beta1},
-                                    {"beta2", adam_col::beta2}, {"eps", adam_col::eps},
-                                    {"weight_decay", adam_col::weight_decay},
-                                    {"amsgrad", adam_col::amsgrad}, {"maximize", adam_col::maximize},
-                                    {"decoupled", adam_col::decoupled},
-                                    {"lr_index", adam_col::lr_index},
-                                    {"sched_begin", adam_col::sched_begin},
-                                    {"sched_count", adam_col::sched_count}});
-  m.attr("SGD_COLUMNS") = columns({{"lr", sgd_col::lr}, {"momentum", sgd_col::momentum},
-                                   {"dampening", sgd_col::dampening},
-                                   {"weight_decay", sgd_col::weight_decay},
-                                   {"nesterov", sgd_col::nesterov}, {"maximize", sgd_col::maximize},
-                                   {"lr_index", sgd_col::lr_index},
-                                   {"sched_begin", sgd_col::sched_begin},
-                                   {"sched_count", sgd_col::sched_count}});
+  // Each rule's hyper columns (shared ones first), state roles (torch's state-dict keys, in the
+  // order the op takes them) and whether it counts steps.
+  py::dict rules;
+  for (int id = 0; id < kNumRules; ++id) {
+    visit_rule(static_cast<RuleId>(id), [&](auto r) {
+      using R = decltype(r);
+      py::dict cols = columns({{"lr", col::lr}, {"lr_index", col::lr_index},
+                               {"sched_begin", col::sched_begin}, {"sched_count", col::sched_count}});
+      for (int k = 0; k < static_cast<int>(R::count) - static_cast<int>(col::first_rule); ++k) {
+        cols[R::kColumns[k]] = static_cast<int>(col::first_rule) + k;
+      }
+      py::list roles, uses;
+      for (const char* role : R::kRoles) roles.append(role);
+      // when a group keeps each role: None (always), or (column, "nonzero" | "positive")
+      for (const RoleUse& u : R::kUses) {
+        if (u.use == Use::always) {
+          uses.append(py::none());
+        } else {
+          uses.append(py::make_tuple(R::kColumns[u.col - col::first_rule],
+                                     u.use == Use::nonzero ? "nonzero" : "positive"));
+        }
+      }
+      py::dict d;
+      d["columns"] = cols;
+      d["roles"] = roles;
+      d["role_uses"] = uses;
+      d["has_step"] = R::kHasStep;
+      rules[R::kName] = d;
+    });
+  }
+  m.attr("RULES") = rules;
+  m.attr("ADAM_COLUMNS") = rules["adam"]["columns"];
+  m.attr("SGD_COLUMNS") = rules["sgd"]["columns"];
 }

@@ -27,6 +27,22 @@ TORCH_LIBRARY(fusedopt, m) {
       "int[] group_sizes, Tensor hyper, Tensor[] lr_tensors, int[] fresh_buffers, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, *, Tensor(d!)[] schedule_state, "
       "Tensor? schedule=None) -> ()");
+  // Any rule of csrc/update_rules.h ("adam", "sgd", "rmsprop", "adagrad", "lion"): what the
+  // optimizer classes call. `hyper` has the rule's columns (fusedopt._C.RULES). `states` holds,
+  // param by param, the state tensors its group uses in the rule's role order; each may have its
+  // own floating dtype (state_dtype). state_steps: one counter per param for rules that count
+  // steps, else empty. fresh: params whose state was never written (SGD's momentum buffer).
+  // master_mode 1: masters holds a float32 master for each float16/bfloat16 param, which the
+  // step updates and rounds into the param; 2: an int16 remainder per bfloat16 param instead.
+  // seed >= 0: bfloat16 params without a master are rounded stochastically from this seed.
+  // clip: fusedopt::grad_norm_'s [norm, coefficient]; grads are scaled by the coefficient as
+  // they are read, and a non-finite norm skips the step like found_inf.
+  m.def(
+      "step_(str rule, Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] states, "
+      "Tensor(d!)[] masters, Tensor(e!)[] state_steps, int[] group_sizes, Tensor hyper, "
+      "Tensor[] lr_tensors, int[] fresh, Tensor? grad_scale=None, Tensor? found_inf=None, *, "
+      "Tensor(f!)[] schedule_state, Tensor? schedule=None, Tensor? clip=None, int master_mode=0, "
+      "int seed=-1) -> ()");
 }
 
 }  // namespace fusedopt

@@ -27,16 +27,18 @@ Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
 // A companion of params[i] (its grad or a state tensor) must match it exactly in dtype,
 // shape, device and memory layout, since the kernels walk all of them with one index.
 void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tensor& t,
-                    const at::Tensor& param, int64_t pi) {
+                    const at::Tensor& param, int64_t pi, bool same_dtype = true) {
   TORCH_CHECK(t.defined(), op, ": ", what, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i, "] is sparse (layout ",
               t.layout(), "); fusedopt does not support sparse gradients, please consider "
               "SparseAdam instead");
   TORCH_CHECK(t.device() == param.device(), op, ": ", what, "[", i, "] is on ", t.device(),
               " but params[", pi, "] is on ", param.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), op, ": ", what, "[", i,
-                   "] has dtype ", t.scalar_type(), " but params[", pi, "] has dtype ",
-                   param.scalar_type());
+  if (same_dtype) {
+    TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), op, ": ", what, "[", i,
+                     "] has dtype ", t.scalar_type(), " but params[", pi, "] has dtype ",
+                     param.scalar_type());
+  }
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
               " but params[", pi, "] has shape ", param.sizes());
   const bool same_layout = (t.is_contiguous() && param.is_contiguous()) ||
@@ -92,8 +94,8 @@ void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t
 // Resolves the lr of each group: a float in its lr column, or an index into lr_tensors. Each lr
 // tensor is recorded (out.lr_tensor); a CPU one's value is also written into the lr column and
 // its index cleared, so kernels that read host values need nothing else.
-void resolve_lrs(const char* op, StepArgs& out, int lr_col, int index_col,
-                 at::TensorList lr_tensors) {
+void resolve_lrs(const char* op, StepArgs& out, at::TensorList lr_tensors) {
+  const int lr_col = col::lr, index_col = col::lr_index;
   out.lr_tensor.assign(static_cast<size_t>(out.num_groups), LrTensor{});
   for (int64_t g = 0; g < out.num_groups; ++g) {
     const double idx = out.at(g, index_col);
@@ -118,8 +120,9 @@ void resolve_lrs(const char* op, StepArgs& out, int lr_col, int index_col,
 }
 
 // Validates the in-kernel schedule arguments and records them in `out`.
-void read_schedule(const char* op, StepArgs& out, int begin_col, int count_col,
-                   at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
+void read_schedule(const char* op, StepArgs& out, at::TensorList schedule_state,
+                   const std::optional<at::Tensor>& schedule) {
+  const int begin_col = col::sched_begin, count_col = col::sched_count;
   out.schedule_out.assign(static_cast<size_t>(out.num_groups), ScheduleOut{});
   int64_t scheduled = 0;
   for (int64_t g = 0; g < out.num_groups; ++g) scheduled += out.at(g, count_col) > 0 ? 1 : 0;
@@ -161,19 +164,18 @@ void read_schedule(const char* op, StepArgs& out, int begin_col, int count_col,
 
 }  // namespace
 
-double scheduled_lr(const StepTable& args, int64_t group, int lr_col, int begin_col, int count_col,
-                    double t) {
-  const double count = args.at(group, count_col);
-  if (count <= 0) return args.at(group, lr_col);
-  const auto begin = static_cast<int64_t>(args.at(group, begin_col));
+double scheduled_lr(const StepTable& args, int64_t group, double t) {
+  const double count = args.at(group, col::sched_count);
+  if (count <= 0) return args.at(group, col::lr);
+  const auto begin = static_cast<int64_t>(args.at(group, col::sched_begin));
   return schedule_lr(args.phases.data() + begin * phase_col::count, static_cast<int64_t>(count), t);
 }
 
-void check_kernel_steps(const char* op, at::TensorList state_steps) {
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    TORCH_CHECK_TYPE(state_steps[i].scalar_type() == at::kFloat, op, ": state_steps[", i,
-                     "] must be float32 on CUDA (the kernel increments it in place), got ",
-                     state_steps[i].scalar_type());
+void check_kernel_steps(const char* op, const StepTable& args) {
+  for (size_t i = 0; i < args.tensors.size(); ++i) {
+    const TensorSlot& s = args.tensors[i];
+    TORCH_CHECK_TYPE(s.step == nullptr || !s.step_is_double, op, ": state_steps[", i,
+                     "] must be float32 on CUDA (the kernel increments it in place), got Double");
   }
 }
 
@@ -190,11 +192,14 @@ namespace {
 
 // What both ops share: the hyperparameter table, each tensor's group, and each param with its
 // gradient (checked, recorded, version bumped). The op then adds its state tensors.
-StepArgs collect_common(const char* op, at::TensorList params, at::TensorList grads,
-                        c10::IntArrayRef group_sizes, const at::Tensor& hyper, int64_t cols,
-                        bool unscaling) {
+StepArgs collect_common(const char* op, RuleId rule, at::TensorList params, at::TensorList grads,
+                        c10::IntArrayRef group_sizes, const at::Tensor& hyper, bool unscaling) {
   const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size(), op, ": params and grads must have the same "
+              "length, got ", params.size(), " and ", grads.size());
+  const int64_t cols = visit_rule(rule, [](auto r) { return static_cast<int64_t>(decltype(r)::count); });
   StepArgs out;
+  out.rule = rule;
   read_hyper(op, hyper, static_cast<int64_t>(group_sizes.size()), cols, out);
   const std::vector<int32_t> group = groups_of(op, group_sizes, n);
   if (n > 0) out.device = params[0].device();
@@ -217,16 +222,52 @@ StepArgs collect_common(const char* op, at::TensorList params, at::TensorList gr
 }
 
 // The arguments after the tensor lists, also shared: lr tensors, the in-kernel schedule, the
-// GradScaler scalars.
-template <int LR, int LR_INDEX, int SCHED_BEGIN, int SCHED_COUNT>
+// GradScaler scalars and the clip.
 void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
                    at::TensorList schedule_state, const std::optional<at::Tensor>& schedule,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
-  resolve_lrs(op, out, LR, LR_INDEX, lr_tensors);
-  read_schedule(op, out, SCHED_BEGIN, SCHED_COUNT, schedule_state, schedule);
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& clip = std::nullopt) {
+  resolve_lrs(op, out, lr_tensors);
+  read_schedule(op, out, schedule_state, schedule);
   if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+  if (clip.has_value()) {
+    const at::Tensor& c = *clip;
+    TORCH_CHECK(c.numel() == 2 && c.scalar_type() == at::kFloat && c.is_contiguous() &&
+                    (out.tensors.empty() || c.device() == out.device),
+                op, ": clip must be a contiguous float32 tensor of 2 elements (the grad norm and the "
+                "clip coefficient, from fusedopt::grad_norm_) on ", out.device, ", got ",
+                c.scalar_type(), " with ", c.numel(), " elements on ", c.device());
+  }
+  out.grad_scale = grad_scale;
+  out.found_inf = found_inf;
+  out.clip = clip;
+}
+
+// A param's step counter: one element, float32 or float64, on the step's device.
+void read_step(const char* op, int64_t i, const at::Tensor& st, TensorSlot& s, c10::Device device) {
+  TORCH_CHECK(st.numel() == 1, op, ": state_steps[", i, "] must have one element, got ",
+              st.numel());
+  TORCH_CHECK(st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble, op,
+              ": state_steps[", i, "] must be float32 or float64, got ", st.scalar_type());
+  TORCH_CHECK(st.device() == device, op, ": state_steps[", i, "] is on ", st.device(),
+              " but params[", i, "] is on ", device);
+  s.step = st.data_ptr();
+  s.step_is_double = st.scalar_type() == at::kDouble;
+}
+
+Elem state_elem(const char* op, int64_t k, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Elem::f32;
+    case at::kDouble: return Elem::f64;
+    case at::kHalf: return Elem::f16;
+    case at::kBFloat16: return Elem::bf16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": states[", k, "] has dtype ", t.scalar_type(),
+                       "; optimizer states may be float32, float64, float16 or bfloat16");
+  }
+  return Elem::f32;
 }
 
 }  // namespace
@@ -238,41 +279,34 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
                            at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf,
                            at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
-  using namespace adam_col;
+  using R = AdamRule;
   const auto n = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
                   exp_avg_sqs.size() == params.size() && state_steps.size() == params.size(),
               op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same "
               "length, got ", params.size(), ", ", grads.size(), ", ", exp_avgs.size(), ", ",
               exp_avg_sqs.size(), " and ", state_steps.size());
-  StepArgs out = collect_common(op, params, grads, group_sizes, hyper, count, grad_scale.has_value());
+  StepArgs out = collect_common(op, RuleId::adam, params, grads, group_sizes, hyper,
+                                grad_scale.has_value());
   size_t next_max = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
-    s.state0 = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p, i);
-    s.state1 = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, i);
-    if (out.at(s.group, amsgrad) != 0.0) {
+    s.state[0] = companion_ptr(op, "exp_avgs", i, exp_avgs[i], p, i);
+    s.state[1] = companion_ptr(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, i);
+    s.state_dtype[0] = s.state_dtype[1] = s.state_dtype[2] = s.dtype;
+    if (out.at(s.group, R::amsgrad) != 0.0) {
       TORCH_CHECK(next_max < max_exp_avg_sqs.size(), op, ": params[", i, "] is in an amsgrad "
                   "group but max_exp_avg_sqs has only ", max_exp_avg_sqs.size(), " tensors");
-      s.state2 = companion_ptr(op, "max_exp_avg_sqs", static_cast<int64_t>(next_max),
+      s.state[2] = companion_ptr(op, "max_exp_avg_sqs", static_cast<int64_t>(next_max),
                                max_exp_avg_sqs[next_max], p, i);
       ++next_max;
     }
-    const at::Tensor& st = state_steps[i];
-    TORCH_CHECK(st.numel() == 1, op, ": state_steps[", i, "] must have one element, got ",
-                st.numel());
-    TORCH_CHECK(st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble, op,
-                ": state_steps[", i, "] must be float32 or float64, got ", st.scalar_type());
-    TORCH_CHECK(st.device() == out.device, op, ": state_steps[", i, "] is on ", st.device(),
-                " but params[", i, "] is on ", out.device);
-    s.step = st.data_ptr();
-    s.step_is_double = st.scalar_type() == at::kDouble;
+    read_step(op, i, state_steps[i], s, out.device);
   }
   TORCH_CHECK(next_max == max_exp_avg_sqs.size(), op, ": max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " tensors but the amsgrad groups hold ", next_max, " params");
-  finish_common<lr, lr_index, sched_begin, sched_count>(op, out, lr_tensors, schedule_state,
-                                                        schedule, grad_scale, found_inf);
+  finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf);
   return out;
 }
 
@@ -283,19 +317,19 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf,
                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule) {
-  using namespace sgd_col;
+  using R = SgdRule;
   const auto n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(grads.size() == params.size(), op, ": params and grads must have the same "
-              "length, got ", params.size(), " and ", grads.size());
-  StepArgs out = collect_common(op, params, grads, group_sizes, hyper, count, grad_scale.has_value());
+  StepArgs out = collect_common(op, RuleId::sgd, params, grads, group_sizes, hyper,
+                                grad_scale.has_value());
   size_t next_buf = 0;
   for (int64_t i = 0; i < n; ++i) {
     TensorSlot& s = out.tensors[static_cast<size_t>(i)];
-    if (out.at(s.group, momentum) == 0.0) continue;
+    s.state_dtype[0] = s.dtype;
+    if (out.at(s.group, R::momentum) == 0.0) continue;
     TORCH_CHECK(next_buf < momentum_buffers.size(), op, ": params[", i, "] is in a group "
                 "with momentum but momentum_buffers has only ", momentum_buffers.size(),
                 " tensors");
-    s.state0 = companion_ptr(op, "momentum_buffers", static_cast<int64_t>(next_buf),
+    s.state[0] = companion_ptr(op, "momentum_buffers", static_cast<int64_t>(next_buf),
                              momentum_buffers[next_buf], params[i], i);
     ++next_buf;
   }
@@ -304,12 +338,95 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
               " params");
   for (const int64_t k : fresh_buffers) {
     // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
-    TORCH_CHECK(k >= 0 && k < n && out.at(out.tensors[static_cast<size_t>(k)].group, momentum) != 0.0,
+    TORCH_CHECK(k >= 0 && k < n && out.at(out.tensors[static_cast<size_t>(k)].group, R::momentum) != 0.0,
                 op, ": fresh_buffers names params[", k, "], which has no momentum buffer");
     out.tensors[static_cast<size_t>(k)].fresh = true;
   }
-  finish_common<lr, lr_index, sched_begin, sched_count>(op, out, lr_tensors, schedule_state,
-                                                        schedule, grad_scale, found_inf);
+  finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf);
+  return out;
+}
+
+RuleId rule_by_name(const char* op, const std::string& name) {
+  for (int id = 0; id < kNumRules; ++id) {
+    const char* n = visit_rule(static_cast<RuleId>(id), [](auto r) { return decltype(r)::kName; });
+    if (name == n) return static_cast<RuleId>(id);
+  }
+  TORCH_CHECK(false, op, ": unknown rule '", name, "' (known: adam, sgd, rmsprop, adagrad, lion)");
+  return RuleId::adam;
+}
+
+StepArgs collect_step_args(const char* op, const std::string& rule_name, at::TensorList params,
+                           at::TensorList grads, at::TensorList states, at::TensorList masters,
+                           at::TensorList state_steps, c10::IntArrayRef group_sizes,
+                           const at::Tensor& hyper, at::TensorList lr_tensors,
+                           c10::IntArrayRef fresh, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+                           const std::optional<at::Tensor>& schedule,
+                           const std::optional<at::Tensor>& clip, int64_t master_mode,
+                           int64_t seed) {
+  const RuleId rule = rule_by_name(op, rule_name);
+  TORCH_CHECK(master_mode >= 0 && master_mode <= 2, op, ": master_mode must be 0 (none), 1 (float32 "
+              "masters) or 2 (bfloat16 remainders), got ", master_mode);
+  const auto mode = static_cast<Master>(master_mode);
+  StepArgs out = collect_common(op, rule, params, grads, group_sizes, hyper, grad_scale.has_value());
+  out.rounding_seed = seed;
+  const auto n = static_cast<int64_t>(params.size());
+  const bool has_step = visit_rule(rule, [](auto r) { return decltype(r)::kHasStep; });
+  const int num_roles = visit_rule(rule, [](auto r) { return decltype(r)::kStates; });
+  TORCH_CHECK(static_cast<int64_t>(state_steps.size()) == (has_step ? n : 0), op, ": the ",
+              rule_name, " rule takes ", has_step ? "one step counter per param" : "no step counters",
+              ", got ", state_steps.size(), " state_steps for ", n, " params");
+  size_t next_state = 0, next_master = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TensorSlot& s = out.tensors[static_cast<size_t>(i)];
+    const double* row = &out.hyper[static_cast<size_t>(s.group * out.num_cols)];
+    const uint32_t roles = visit_rule(rule, [&](auto r) { return role_mask<decltype(r)>(row); });
+    for (int k = 0; k < num_roles; ++k) {
+      s.state_dtype[k] = s.dtype;
+      if (!(roles & (1u << k))) continue;
+      TORCH_CHECK(next_state < states.size(), op, ": params[", i, "] needs ",
+                  __builtin_popcount(roles), " state tensors (its group's settings) but states "
+                  "has only ", states.size(), " tensors");
+      const auto si = static_cast<int64_t>(next_state++);
+      s.state[k] = companion_ptr(op, "states", si, states[si], p, i, /*same_dtype=*/false);
+      s.state_dtype[k] = state_elem(op, si, states[si]);
+      TORCH_CHECK(s.state_dtype[k] != Elem::f64 || s.dtype == Elem::f64, op, ": states[", si,
+                  "] is float64 but params[", i, "] is ", p.scalar_type(),
+                  "; float64 states go with float64 params only");
+    }
+    if (mode != Master::none && (s.dtype == Elem::f16 || s.dtype == Elem::bf16)) {
+      TORCH_CHECK(next_master < masters.size(), op, ": params[", i, "] is ", p.scalar_type(),
+                  " and master_mode is ", master_mode, " but masters has only ", masters.size(),
+                  " tensors");
+      const auto mi = static_cast<int64_t>(next_master++);
+      const at::Tensor& m = masters[mi];
+      if (mode == Master::full) {
+        TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, op, ": masters[", mi, "] must be float32 "
+                         "(the master copy of params[", i, "]), got ", m.scalar_type());
+      } else {
+        TORCH_CHECK_TYPE(s.dtype == Elem::bf16, op, ": params[", i, "] is ", p.scalar_type(),
+                         "; master remainders need bfloat16 params");
+        TORCH_CHECK_TYPE(m.scalar_type() == at::kShort, op, ": masters[", mi, "] must be int16 "
+                         "(the master remainder of params[", i, "]), got ", m.scalar_type());
+      }
+      s.master = companion_ptr(op, "masters", mi, m, p, i, /*same_dtype=*/false);
+      s.master_kind = mode;
+    }
+    if (has_step) read_step(op, i, state_steps[i], s, out.device);
+  }
+  TORCH_CHECK(next_state == states.size(), op, ": states has ", states.size(), " tensors but the "
+              "params' groups use ", next_state);
+  TORCH_CHECK(next_master == masters.size(), op, ": masters has ", masters.size(), " tensors but ",
+              next_master, " params are 16-bit with master_mode ", master_mode);
+  for (const int64_t k : fresh) {
+    // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
+    TORCH_CHECK(k >= 0 && k < n && rule == RuleId::sgd &&
+                    out.at(out.tensors[static_cast<size_t>(k)].group, SgdRule::momentum) != 0.0,
+                op, ": fresh names params[", k, "], which has no momentum buffer to start");
+    out.tensors[static_cast<size_t>(k)].fresh = true;
+  }
+  finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf, clip);
   return out;
 }
 

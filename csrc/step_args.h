@@ -8,16 +8,37 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "step_table.h"
 
 namespace fusedopt {
 
-// A validated step: the plain table (step_table.h) and the device the op runs on.
+// A validated step: the plain table (step_table.h), the device the op runs on, and the scalars
+// the kernels read from memory (GradScaler's grad_scale and found_inf, the clip of the grads).
 struct StepArgs : StepTable {
   c10::Device device = c10::Device(c10::DeviceType::CPU);
+  std::optional<at::Tensor> grad_scale, found_inf;
+  // float32 [total grad norm, clip coefficient] (fusedopt::grad_norm_'s output): the grads are
+  // multiplied by the coefficient as they are read; a non-finite norm skips the step.
+  std::optional<at::Tensor> clip;
 };
+
+// fusedopt::step_: any rule (update_rules.h), states given tensor by tensor in role order.
+StepArgs collect_step_args(const char* op, const std::string& rule, at::TensorList params,
+                           at::TensorList grads, at::TensorList states, at::TensorList masters,
+                           at::TensorList state_steps, c10::IntArrayRef group_sizes,
+                           const at::Tensor& hyper, at::TensorList lr_tensors,
+                           c10::IntArrayRef fresh, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+                           const std::optional<at::Tensor>& schedule,
+                           const std::optional<at::Tensor>& clip, int64_t master_mode,
+                           int64_t seed);
+
+// The rule an op names ("adam", "sgd", ...): TORCH_CHECK fails for an unknown name.
+RuleId rule_by_name(const char* op, const std::string& name);
 
 StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -36,12 +57,11 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
                           at::TensorList schedule_state, const std::optional<at::Tensor>& schedule);
 
 // The lr a group uses at schedule step t: its in-kernel schedule's value, else its lr column.
-double scheduled_lr(const StepTable& args, int64_t group, int lr_col, int begin_col, int count_col,
-                    double t);
+double scheduled_lr(const StepTable& args, int64_t group, double t);
 
-// Checks that Adam's step counters can be bumped in place by a CUDA kernel: float32 (the kernels,
+// Checks that step counters can be bumped in place by a CUDA kernel: float32 (the kernels,
 // real and emulated, write them as float).
-void check_kernel_steps(const char* op, at::TensorList state_steps);
+void check_kernel_steps(const char* op, const StepTable& args);
 
 // Checks a 1-element float tensor argument (grad_scale, found_inf, an lr tensor) and that it
 // lives on the CPU or on `device`.

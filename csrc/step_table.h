@@ -6,24 +6,39 @@
 #include <cstdint>
 #include <vector>
 
+#include "update_rules.h"  // RuleId, kMaxStates
+
 namespace fusedopt {
 
-// Element types a param may have. The math runs in float for the 16-bit types.
-enum class Elem : int32_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+// Storage types. The math runs in float for the 16-bit types (double for float64 params);
+// i16 is the master remainder's storage (precision.h).
+enum class Elem : int32_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3, i16 = 4 };
 
-// One tensor's share of a step.
+inline int64_t elem_size(Elem e) {
+  return e == Elem::f64 ? 8 : (e == Elem::f32 ? 4 : 2);
+}
+
+// What a step keeps of a 16-bit param's float32 master (the `master_mode` op argument).
+enum class Master : int32_t {
+  none = 0,
+  full = 1,       // a float32 copy; the param is written rounded from it
+  remainder = 2,  // bfloat16 params: the master's low 16 bits, as an int16 (precision.h)
+};
+
+// One tensor's share of a step. Every role has its own storage type; the grad's is the param's.
 struct TensorSlot {
   void* param = nullptr;
   void* grad = nullptr;
-  void* state0 = nullptr;  // Adam: exp_avg; SGD: momentum_buffer (null without momentum)
-  void* state1 = nullptr;  // Adam: exp_avg_sq
-  void* state2 = nullptr;  // Adam: max_exp_avg_sq (null without amsgrad)
-  void* step = nullptr;    // Adam: the 1-element step counter
+  void* master = nullptr;              // float32 master or int16 remainder, or null
+  void* state[kMaxStates] = {};        // the rule's state roles (null: unused by the group)
+  void* step = nullptr;                // the 1-element step counter (rules with kHasStep)
   int64_t numel = 0;
   int32_t group = 0;
-  Elem dtype = Elem::f32;
+  Elem dtype = Elem::f32;              // param and grad
+  Elem state_dtype[kMaxStates] = {};
+  Master master_kind = Master::none;
   bool step_is_double = false;  // step counter dtype: float64 (else float32)
-  bool fresh = false;           // SGD: momentum buffer never written yet
+  bool fresh = false;           // the state was never written yet (SGD's first momentum step)
 };
 
 // Where the in-kernel schedule stores lr(t + 1) for one group (null: the group has none).
@@ -42,6 +57,7 @@ struct LrTensor {
 };
 
 struct StepTable {
+  RuleId rule = RuleId::adam;
   std::vector<TensorSlot> tensors;
   int64_t num_groups = 0;
   int64_t num_cols = 0;
@@ -51,6 +67,8 @@ struct StepTable {
   std::vector<double> phases;
   int64_t* schedule_step = nullptr;
   std::vector<ScheduleOut> schedule_out;
+  // Stochastic rounding of bfloat16 params (without a master) with this seed; negative: off.
+  int64_t rounding_seed = -1;
   double at(int64_t group, int col) const { return hyper[group * num_cols + col]; }
 };
 

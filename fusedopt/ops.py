@@ -16,6 +16,9 @@ from torch import Tensor
 from fusedopt._extension import _C, extension_available, require
 
 if extension_available():
+    # Each update rule's hyper columns, state roles (torch's state-dict keys, in the order the op
+    # takes them) and whether it counts steps: csrc/update_rules.h, read from the extension.
+    RULES: dict[str, dict] = {name: dict(spec) for name, spec in _C.RULES.items()}
     ADAM_COLUMNS: dict[str, int] = dict(_C.ADAM_COLUMNS)
     SGD_COLUMNS: dict[str, int] = dict(_C.SGD_COLUMNS)
 
@@ -33,7 +36,14 @@ if extension_available():
                   fresh_buffers, grad_scale=None, found_inf=None, *, schedule_state,
                   schedule=None) -> None:
         return None
+
+    @torch.library.register_fake("fusedopt::step_")
+    def _step_fake(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
+                   lr_tensors, fresh, grad_scale=None, found_inf=None, *, schedule_state,
+                   schedule=None, clip=None, master_mode=0, seed=-1) -> None:
+        return None
 else:
+    RULES = {}
     ADAM_COLUMNS = {}
     SGD_COLUMNS = {}
 

@@ -2,7 +2,7 @@
 compiled as host C++ against csrc/cuda/emulation/cuda_shim.h and run on CPU threads, so that
 machines without a GPU (CI) execute them.
 
-``emulated(...)`` is a context manager that routes ``torch.ops.fusedopt.adam_`` / ``sgd_`` on CPU
+``emulated(...)`` is a context manager that routes ``torch.ops.fusedopt.step_`` / ``adam_`` / ``sgd_`` on CPU
 tensors through the emulated kernels: the optimizer classes, the eager plan entry and the shared
 validation all run as they do for CUDA tensors, and only the GPU is replaced. The backend is built
 on first use with torch's JIT extension loader (about two minutes), into ``build/emulated_cuda``.
@@ -103,8 +103,16 @@ def emulated(module, *, grid: int = 3, block: int = 16, chunk_elems: int = 64,
             module.sgd_(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors,
                         fresh_buffers, grad_scale, found_inf, schedule_state, schedule)
 
+        def step_(rule, params, grads, states, masters, state_steps, group_sizes, hyper, lr_tensors,
+                  fresh, grad_scale=None, found_inf=None, *, schedule_state, schedule=None, clip=None,
+                  master_mode=0, seed=-1):
+            module.step_(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
+                         lr_tensors, fresh, grad_scale, found_inf, schedule_state, schedule, clip,
+                         master_mode, seed)
+
         lib.impl("adam_", adam_, "CPU")
         lib.impl("sgd_", sgd_, "CPU")
+        lib.impl("step_", step_, "CPU")
         yield module
     finally:
         lib._destroy()

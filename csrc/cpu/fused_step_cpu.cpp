@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <type_traits>
 
 namespace fusedopt {
@@ -16,12 +18,20 @@ inline at::vec::Vectorized<T> fo_sqrt(const at::vec::Vectorized<T>& x) { return 
 template <typename T>
 inline at::vec::Vectorized<T> fo_neg(const at::vec::Vectorized<T>& x) { return x.neg(); }
 template <typename T>
+inline at::vec::Vectorized<T> fo_sign(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  const V zero(T(0)), one(T(1));
+  const V sign = ((x > zero) & one) - ((x < zero) & one);
+  return V::blendv(sign, x, x.isnan());  // NaN stays NaN, like torch.sign
+}
+template <typename T>
 inline at::vec::Vectorized<T> fo_max(const at::vec::Vectorized<T>& a,
                                      const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // NaN-propagating, like torch.maximum
 }
 }  // namespace fusedopt
 
+#include "../precision.h"
 #include "../step_args.h"
 #include "../update_rules.h"
 #include "../work_list.h"
@@ -35,115 +45,150 @@ constexpr int64_t kCpuChunk = 1 << 16;
 // Below this many elements a step runs on the calling thread: waking the pool costs more.
 constexpr int64_t kMinParallelElems = 1 << 15;
 
-// Unscaling multiplies by the float32 reciprocal of the scale, as GradScaler.unscale_ does,
-// so a fused step matches the unscale-then-step path of torch.optim exactly.
-struct GradUnscale {
-  bool active = false;
-  double inv_scale = 1.0;
+// The scalars every element of a step reads: GradScaler's unscale (the float32 reciprocal of the
+// scale, as GradScaler.unscale_ computes it, so a fused step matches unscale-then-step exactly)
+// and the clip coefficient of fusedopt::grad_norm_.
+struct GradScalars {
+  bool unscale = false;
+  float inv_scale = 1.0f;
+  bool clip = false;
+  float clip_coef = 1.0f;
 };
 
-// Loads the S-typed math values of W consecutive T elements and stores them back. For the
-// 16-bit types a Vectorized<T> holds two Vectorized<float>s; for float/double T == S.
-template <typename T, typename S>
-struct Lanes {
-  using VecS = at::vec::Vectorized<S>;
-  using VecT = at::vec::Vectorized<T>;
-  static constexpr int64_t kParts = std::is_same_v<T, S> ? 1 : 2;
-  static constexpr int64_t kWidth = VecS::size() * kParts;
-  VecS v[kParts];
+// Elements of one tensor converted at a time: the rule then runs on math values in L1-resident
+// buffers, whatever each role's storage type; a role stored in the math type is used in place.
+constexpr int64_t kBlockElems = 256;
 
-  static Lanes load(const T* ptr) {
-    Lanes l;
-    if constexpr (kParts == 1) {
-      l.v[0] = VecS::loadu(ptr);
-    } else {
-      auto both = at::vec::convert_to_float<T>(VecT::loadu(ptr));
-      l.v[0] = std::get<0>(both);
-      l.v[1] = std::get<1>(both);
-    }
-    return l;
-  }
-  void store(T* ptr) const {
-    if constexpr (kParts == 1) {
-      v[0].store(ptr);
-    } else {
-      at::vec::convert_from_float<T>(v[0], v[1]).store(ptr);
-    }
-  }
-};
+template <typename S>
+constexpr Elem math_elem() {
+  return std::is_same_v<S, double> ? Elem::f64 : Elem::f32;
+}
 
-template <typename T, typename S>
-void adam_chunk(const TensorSlot& s, int64_t begin, int64_t end, const AdamCoeffs<S>& c,
-                const GradUnscale& unscale) {
-  T* P = static_cast<T*>(s.param);
-  T* G = static_cast<T*>(s.grad);
-  T* M = static_cast<T*>(s.state0);
-  T* V2 = static_cast<T*>(s.state1);
-  T* VM = static_cast<T*>(s.state2);
-  using L = Lanes<T, S>;
-  using VecS = typename L::VecS;
-  const VecS inv_scale(static_cast<S>(unscale.inv_scale));
-  int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) {
-    L p = L::load(P + i), g = L::load(G + i), m = L::load(M + i), v = L::load(V2 + i);
-    L vm = c.amsgrad ? L::load(VM + i) : L{};
-    for (int64_t k = 0; k < L::kParts; ++k) {
-      if (unscale.active) g.v[k] = g.v[k] * inv_scale;
-      adam_update<VecS, S>(p.v[k], g.v[k], m.v[k], v.v[k], vm.v[k], c);
-    }
-    p.store(P + i);
-    m.store(M + i);
-    v.store(V2 + i);
-    if (c.amsgrad) vm.store(VM + i);
-    if (unscale.active) g.store(G + i);
-  }
-  for (; i < end; ++i) {
-    S p = static_cast<S>(P[i]), g = static_cast<S>(G[i]), m = static_cast<S>(M[i]);
-    S v = static_cast<S>(V2[i]);
-    S vm = c.amsgrad ? static_cast<S>(VM[i]) : S(0);
-    if (unscale.active) {
-      g = g * static_cast<S>(unscale.inv_scale);
-      G[i] = static_cast<T>(g);
-    }
-    adam_update<S, S>(p, g, m, v, vm, c);
-    P[i] = static_cast<T>(p);
-    M[i] = static_cast<T>(m);
-    V2[i] = static_cast<T>(v);
-    if (c.amsgrad) VM[i] = static_cast<T>(vm);
+template <typename S>
+void load_block(const void* base, Elem e, int64_t begin, int64_t n, S* dst) {
+  switch (e) {
+    case Elem::f32: at::vec::convert(static_cast<const float*>(base) + begin, dst, n); break;
+    case Elem::f64: at::vec::convert(static_cast<const double*>(base) + begin, dst, n); break;
+    case Elem::f16: at::vec::convert(static_cast<const c10::Half*>(base) + begin, dst, n); break;
+    default: at::vec::convert(static_cast<const c10::BFloat16*>(base) + begin, dst, n); break;
   }
 }
 
-template <typename T, typename S>
-void sgd_chunk(const TensorSlot& s, int64_t begin, int64_t end, const SgdCoeffs<S>& c,
-               const GradUnscale& unscale) {
-  T* P = static_cast<T*>(s.param);
-  T* G = static_cast<T*>(s.grad);
-  T* B = static_cast<T*>(s.state0);
-  using L = Lanes<T, S>;
-  using VecS = typename L::VecS;
-  const VecS inv_scale(static_cast<S>(unscale.inv_scale));
-  int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) {
-    L p = L::load(P + i), g = L::load(G + i);
-    L b = (c.has_momentum && !s.fresh) ? L::load(B + i) : L{};
-    for (int64_t k = 0; k < L::kParts; ++k) {
-      if (unscale.active) g.v[k] = g.v[k] * inv_scale;
-      sgd_update<VecS, S>(p.v[k], g.v[k], b.v[k], s.fresh, c);
-    }
-    p.store(P + i);
-    if (c.has_momentum) b.store(B + i);
-    if (unscale.active) g.store(G + i);
+// Stores with round-to-nearest-even, as torch's .to() rounds.
+template <typename S>
+void store_block(const S* src, void* base, Elem e, int64_t begin, int64_t n) {
+  switch (e) {
+    case Elem::f32: at::vec::convert(src, static_cast<float*>(base) + begin, n); break;
+    case Elem::f64: at::vec::convert(src, static_cast<double*>(base) + begin, n); break;
+    case Elem::f16: at::vec::convert(src, static_cast<c10::Half*>(base) + begin, n); break;
+    default: at::vec::convert(src, static_cast<c10::BFloat16*>(base) + begin, n); break;
   }
-  for (; i < end; ++i) {
-    S p = static_cast<S>(P[i]), g = static_cast<S>(G[i]);
-    S b = (c.has_momentum && !s.fresh) ? static_cast<S>(B[i]) : S(0);
-    if (unscale.active) {
-      g = g * static_cast<S>(unscale.inv_scale);
-      G[i] = static_cast<T>(g);
+}
+
+// A role's math values for elements [begin, begin + n): the storage itself when it holds the
+// math type, else `scratch` filled by conversion.
+template <typename S>
+S* math_view(void* base, Elem e, int64_t begin, int64_t n, S* scratch) {
+  if (e == math_elem<S>()) return static_cast<S*>(base) + begin;
+  load_block(base, e, begin, n, scratch);
+  return scratch;
+}
+
+// One tensor's elements [begin, end) through rule `Rule` in math type S. `index`: the tensor's
+// place in the step (it seeds stochastic rounding).
+template <typename Rule, typename S>
+void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, uint32_t roles,
+                const typename Rule::template Coeffs<S>& c, const GradScalars& gs, int64_t seed,
+                double step) {
+  const uint64_t seed_bits = step_seed(seed, step);
+  using Vec = at::vec::Vectorized<S>;
+  constexpr int64_t W = Vec::size();
+  constexpr int kStates = Rule::kStates;
+  alignas(64) S buf[2 + kStates][kBlockElems];
+  const Elem math = math_elem<S>();
+  const bool param_in_place = s.master_kind == Master::none && s.dtype == math;
+  const bool grad_in_place = s.dtype == math;
+  const Vec inv_scale(static_cast<S>(gs.inv_scale)), clip_coef(static_cast<S>(gs.clip_coef));
+  for (int64_t b = begin; b < end; b += kBlockElems) {
+    const int64_t n = std::min(kBlockElems, end - b);
+    S* P;
+    if (s.master_kind == Master::full) {
+      P = static_cast<S*>(s.master) + b;  // float32 master, updated in place (S is float)
+    } else if (s.master_kind == Master::remainder) {
+      const auto* bits = static_cast<const uint16_t*>(s.param) + b;
+      const auto* rem = static_cast<const int16_t*>(s.master) + b;
+      P = buf[0];
+      for (int64_t i = 0; i < n; ++i) P[i] = static_cast<S>(join_master(bits[i], rem[i]));
+    } else {
+      P = math_view(s.param, s.dtype, b, n, buf[0]);
     }
-    sgd_update<S, S>(p, g, b, s.fresh, c);
-    P[i] = static_cast<T>(p);
-    if (c.has_momentum) B[i] = static_cast<T>(b);
+    S* G = math_view(s.grad, s.dtype, b, n, buf[1]);
+    S* St[kStates];
+    for (int k = 0; k < kStates; ++k) {
+      St[k] = (roles & (1u << k)) ? math_view(s.state[k], s.state_dtype[k], b, n, buf[2 + k]) : nullptr;
+    }
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      Vec p = Vec::loadu(P + i), g = Vec::loadu(G + i);
+      if (gs.unscale) {
+        g = g * inv_scale;
+        g.store(G + i);
+      }
+      if (gs.clip) g = g * clip_coef;
+      Vec st[kStates];
+      for (int k = 0; k < kStates; ++k) {
+        if (St[k] != nullptr) st[k] = Vec::loadu(St[k] + i);
+      }
+      Rule::template update<Vec, S>(p, g, st, s.fresh, c);
+      p.store(P + i);
+      for (int k = 0; k < kStates; ++k) {
+        if (St[k] != nullptr) st[k].store(St[k] + i);
+      }
+    }
+    for (; i < n; ++i) {
+      S p = P[i], g = G[i];
+      if (gs.unscale) {
+        g = g * static_cast<S>(gs.inv_scale);
+        G[i] = g;
+      }
+      if (gs.clip) g = g * static_cast<S>(gs.clip_coef);
+      S st[kStates] = {};
+      for (int k = 0; k < kStates; ++k) {
+        if (St[k] != nullptr) st[k] = St[k][i];
+      }
+      Rule::template update<S, S>(p, g, st, s.fresh, c);
+      P[i] = p;
+      for (int k = 0; k < kStates; ++k) {
+        if (St[k] != nullptr) St[k][i] = st[k];
+      }
+    }
+    // Back to storage: the param rounded as asked, converted roles stored.
+    if constexpr (std::is_same_v<S, float>) {
+      if (s.master_kind == Master::full && s.dtype == Elem::bf16) {
+        auto* out = static_cast<uint16_t*>(s.param) + b;
+        for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits_nearest_away(P[j]);
+      } else if (s.master_kind == Master::full) {
+        store_block(P, s.param, s.dtype, b, n);  // float16: round to nearest even
+      } else if (s.master_kind == Master::remainder) {
+        auto* bits = static_cast<uint16_t*>(s.param) + b;
+        auto* rem = static_cast<int16_t*>(s.master) + b;
+        for (int64_t j = 0; j < n; ++j) split_master(P[j], bits[j], rem[j]);
+      } else if (!param_in_place && seed >= 0 && s.dtype == Elem::bf16) {
+        auto* out = static_cast<uint16_t*>(s.param) + b;
+        for (int64_t j = 0; j < n; ++j) {
+          out[j] = bf16_bits_stochastic(P[j], rounding_bits(seed_bits, static_cast<uint64_t>(index),
+                                                            static_cast<uint64_t>(b + j)));
+        }
+      } else if (!param_in_place) {
+        store_block(P, s.param, s.dtype, b, n);
+      }
+    } else if (!param_in_place) {
+      store_block(P, s.param, s.dtype, b, n);
+    }
+    if (gs.unscale && !grad_in_place) store_block(G, s.grad, s.dtype, b, n);
+    for (int k = 0; k < kStates; ++k) {
+      if (St[k] != nullptr && s.state_dtype[k] != math) store_block(St[k], s.state[k], s.state_dtype[k], b, n);
+    }
   }
 }
 
@@ -151,17 +196,22 @@ void sgd_chunk(const TensorSlot& s, int64_t begin, int64_t end, const SgdCoeffs<
 // every one; fetching the head of the next chunk while this one computes hides that latency.
 constexpr int kPrefetchLines = 8;
 
-inline void prefetch_chunk(const TensorSlot& s, int64_t begin) {
-  const int64_t elem = s.dtype == Elem::f64 ? 8 : (s.dtype == Elem::f32 ? 4 : 2);
-  const int64_t bytes = std::min<int64_t>((s.numel - begin) * elem, kPrefetchLines * 64);
-  for (const void* base : {s.param, s.grad, s.state0, s.state1, s.state2}) {
-    if (base == nullptr) continue;
-    const char* p = static_cast<const char*>(base) + begin * elem;
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
-  }
+inline void prefetch_role(const void* base, Elem e, int64_t numel, int64_t begin) {
+  if (base == nullptr) return;
+  const int64_t elem = elem_size(e);
+  const int64_t bytes = std::min<int64_t>((numel - begin) * elem, kPrefetchLines * 64);
+  const char* p = static_cast<const char*>(base) + begin * elem;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
 }
 
-// Runs `per_chunk(slot, begin, end)` over all chunks of all tensors in one parallel region.
+inline void prefetch_chunk(const TensorSlot& s, int64_t begin) {
+  prefetch_role(s.param, s.dtype, s.numel, begin);
+  prefetch_role(s.grad, s.dtype, s.numel, begin);
+  prefetch_role(s.master, s.master_kind == Master::full ? Elem::f32 : Elem::i16, s.numel, begin);
+  for (int k = 0; k < kMaxStates; ++k) prefetch_role(s.state[k], s.state_dtype[k], s.numel, begin);
+}
+
+// Runs `per_chunk(index, slot, begin, end)` over all chunks of all tensors in one parallel region.
 template <typename F>
 void for_each_chunk(const StepArgs& args, const F& per_chunk) {
   std::vector<int64_t> numels;
@@ -182,7 +232,7 @@ void for_each_chunk(const StepArgs& args, const F& per_chunk) {
           prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
         }
         const WorkChunk& w = chunks[static_cast<size_t>(c)];
-        per_chunk(args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
+        per_chunk(w.tensor, args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
       }
     }
   };
@@ -193,36 +243,40 @@ void for_each_chunk(const StepArgs& args, const F& per_chunk) {
   }
 }
 
-// Reads the GradScaler inputs; returns false when found_inf says to skip the whole step.
-bool read_amp(const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, GradUnscale& unscale) {
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return false;
-  if (grad_scale.has_value()) {
-    unscale.active = true;
-    unscale.inv_scale = static_cast<double>(static_cast<float>(1.0 / grad_scale->item<double>()));
+// Reads the scalars the step depends on; false when the whole step is skipped: found_inf is
+// set (GradScaler), or the clip's grad norm is not finite.
+bool read_scalars(const StepArgs& args, GradScalars& gs) {
+  if (args.found_inf.has_value() && args.found_inf->item<double>() != 0.0) return false;
+  if (args.grad_scale.has_value()) {
+    gs.unscale = true;
+    gs.inv_scale = static_cast<float>(1.0 / args.grad_scale->item<double>());
+  }
+  if (args.clip.has_value()) {
+    const float* c = args.clip->data_ptr<float>();
+    if (!std::isfinite(c[0])) return false;
+    gs.clip = c[1] != 1.0f;  // a clamped coefficient of 1 leaves the grads as they are
+    gs.clip_coef = c[1];
   }
   return true;
 }
 
 // In-kernel schedule, CPU side: the step uses lr(t) (written into the group's lr column),
 // and once it has run every scheduled group's lr tensor receives lr(t + 1) and t advances.
-template <int LR, int BEGIN, int COUNT>
 void apply_schedule(StepArgs& args) {
   if (args.schedule_step == nullptr) return;
   const auto t = static_cast<double>(*args.schedule_step);
   for (int64_t g = 0; g < args.num_groups; ++g) {
-    args.hyper[g * args.num_cols + LR] = scheduled_lr(args, g, LR, BEGIN, COUNT, t);
+    args.hyper[g * args.num_cols + col::lr] = scheduled_lr(args, g, t);
   }
 }
 
-template <int LR, int BEGIN, int COUNT>
 void advance_schedule(const StepArgs& args) {
   if (args.schedule_step == nullptr) return;
   const auto next = static_cast<double>(*args.schedule_step + 1);
   for (int64_t g = 0; g < args.num_groups; ++g) {
     const ScheduleOut& out = args.schedule_out[static_cast<size_t>(g)];
     if (out.lr == nullptr) continue;
-    const double lr = scheduled_lr(args, g, LR, BEGIN, COUNT, next);
+    const double lr = scheduled_lr(args, g, next);
     if (out.is_double) {
       *static_cast<double*>(out.lr) = lr;
     } else {
@@ -232,30 +286,74 @@ void advance_schedule(const StepArgs& args) {
   *args.schedule_step += 1;
 }
 
-// The Adam coefficients of one group at the step most of its tensors are at (the first seen).
-struct AdamCoeffCache {
-  int64_t group = 0;
+double read_step(const TensorSlot& s) {
+  if (s.step == nullptr) return 0.0;
+  return s.step_is_double ? *static_cast<const double*>(s.step)
+                          : static_cast<double>(*static_cast<const float*>(s.step));
+}
+
+// One group's coefficients at the step most of its tensors are at (the first seen): bias
+// corrections cost pow() calls, and tensors of a group almost always share a step.
+template <typename Rule>
+struct CoeffCache {
   bool valid = false;
   double step = 0.0;
-  AdamCoeffs<float> f;
-  AdamCoeffs<double> d;
-
-  template <typename S>
-  AdamCoeffs<S> make(const StepArgs& args, double at_step) const {
-    using namespace adam_col;
-    const int64_t g = group;
-    return make_adam_coeffs<S>(args.at(g, lr), args.at(g, beta1), args.at(g, beta2), args.at(g, eps),
-                               args.at(g, weight_decay), args.at(g, amsgrad) != 0.0,
-                               args.at(g, maximize) != 0.0, args.at(g, decoupled) != 0.0, at_step);
-  }
-  void prepare(const StepArgs& args, double at_step) {
-    if (valid) return;
-    valid = true;
-    step = at_step;
-    f = make<float>(args, at_step);
-    d = make<double>(args, at_step);
-  }
+  typename Rule::template Coeffs<float> f;
+  typename Rule::template Coeffs<double> d;
 };
+
+template <typename Rule>
+void run_rule(StepArgs& args, const GradScalars& gs) {
+  apply_schedule(args);
+  // Step counters first, serially: every chunk of a tensor then reads the same new count.
+  if constexpr (Rule::kHasStep) {
+    for (const auto& s : args.tensors) {
+      if (s.step_is_double) {
+        *static_cast<double*>(s.step) += 1.0;
+      } else {
+        *static_cast<float*>(s.step) += 1.0f;
+      }
+    }
+  }
+  const auto row = [&](int64_t g) { return &args.hyper[static_cast<size_t>(g * args.num_cols)]; };
+  std::vector<CoeffCache<Rule>> caches(static_cast<size_t>(args.num_groups));
+  std::vector<uint32_t> roles(static_cast<size_t>(args.num_groups));
+  for (int64_t g = 0; g < args.num_groups; ++g) roles[static_cast<size_t>(g)] = role_mask<Rule>(row(g));
+  for (const auto& s : args.tensors) {
+    CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
+    if (cache.valid) continue;
+    cache.valid = true;
+    cache.step = read_step(s);
+    const double lr = args.at(s.group, col::lr);
+    cache.f = Rule::template coeffs<float>(row(s.group), lr, cache.step);
+    cache.d = Rule::template coeffs<double>(row(s.group), lr, cache.step);
+  }
+  const int64_t seed = args.rounding_seed;
+  for_each_chunk(args, [&](int64_t index, const TensorSlot& s, int64_t begin, int64_t end) {
+    const CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
+    const double step = read_step(s);
+    const bool hit = cache.step == step;
+    const double lr = args.at(s.group, col::lr);
+    const uint32_t r = roles[static_cast<size_t>(s.group)];
+    if (s.dtype == Elem::f64) {
+      rule_chunk<Rule, double>(s, index, begin, end, r,
+                               hit ? cache.d : Rule::template coeffs<double>(row(s.group), lr, step),
+                               gs, seed, step);
+    } else {
+      rule_chunk<Rule, float>(s, index, begin, end, r,
+                              hit ? cache.f : Rule::template coeffs<float>(row(s.group), lr, step),
+                              gs, seed, step);
+    }
+  });
+  advance_schedule(args);
+}
+
+// The CPU step of any rule, after validation.
+void run_step(StepArgs& args) {
+  GradScalars gs;
+  if (!read_scalars(args, gs)) return;
+  visit_rule(args.rule, [&](auto rule) { run_rule<decltype(rule)>(args, gs); });
+}
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -263,51 +361,10 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               at::TensorList lr_tensors, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
               const std::optional<at::Tensor>& schedule) {
-  using namespace adam_col;
   StepArgs args = collect_adam_args("fusedopt::adam_", params, grads, exp_avgs, exp_avg_sqs,
                                     max_exp_avg_sqs, state_steps, group_sizes, hyper, lr_tensors,
                                     grad_scale, found_inf, schedule_state, schedule);
-  GradUnscale unscale;
-  if (!read_amp(grad_scale, found_inf, unscale)) return;
-  apply_schedule<lr, sched_begin, sched_count>(args);
-  // Step counters first, serially: every chunk of a tensor then reads the same new count.
-  for (const auto& s : args.tensors) {
-    if (s.step_is_double) {
-      *static_cast<double*>(s.step) += 1.0;
-    } else {
-      *static_cast<float*>(s.step) += 1.0f;
-    }
-  }
-  // Bias corrections cost two pow() calls; tensors of a group almost always share a step, so
-  // the coefficients are computed once per (group, step) per group table row.
-  std::vector<AdamCoeffCache> caches(static_cast<size_t>(args.num_groups));
-  for (int64_t g = 0; g < args.num_groups; ++g) caches[static_cast<size_t>(g)].group = g;
-  for (const auto& s : args.tensors) {
-    const double step = s.step_is_double ? *static_cast<const double*>(s.step)
-                                         : static_cast<double>(*static_cast<const float*>(s.step));
-    caches[static_cast<size_t>(s.group)].prepare(args, step);
-  }
-  for_each_chunk(args, [&](const TensorSlot& s, int64_t begin, int64_t end) {
-    const double step = s.step_is_double ? *static_cast<const double*>(s.step)
-                                         : static_cast<double>(*static_cast<const float*>(s.step));
-    const AdamCoeffCache& cache = caches[static_cast<size_t>(s.group)];
-    const bool hit = cache.valid && cache.step == step;
-    switch (s.dtype) {
-      case Elem::f32:
-        adam_chunk<float, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
-        break;
-      case Elem::f64:
-        adam_chunk<double, double>(s, begin, end, hit ? cache.d : cache.make<double>(args, step), unscale);
-        break;
-      case Elem::f16:
-        adam_chunk<c10::Half, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
-        break;
-      case Elem::bf16:
-        adam_chunk<c10::BFloat16, float>(s, begin, end, hit ? cache.f : cache.make<float>(args, step), unscale);
-        break;
-    }
-  });
-  advance_schedule<lr, sched_begin, sched_count>(args);
+  run_step(args);
 }
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -315,29 +372,24 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              c10::IntArrayRef fresh_buffers, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
              const std::optional<at::Tensor>& schedule) {
-  using namespace sgd_col;
   StepArgs args = collect_sgd_args("fusedopt::sgd_", params, grads, momentum_buffers, group_sizes,
                                    hyper, lr_tensors, fresh_buffers, grad_scale, found_inf,
                                    schedule_state, schedule);
-  GradUnscale unscale;
-  if (!read_amp(grad_scale, found_inf, unscale)) return;
-  apply_schedule<lr, sched_begin, sched_count>(args);
-  for_each_chunk(args, [&](const TensorSlot& s, int64_t begin, int64_t end) {
-    const int64_t g = s.group;
-    auto coeffs = [&](auto zero) {
-      return make_sgd_coeffs<decltype(zero)>(args.at(g, lr), args.at(g, momentum),
-                                             args.at(g, dampening), args.at(g, weight_decay),
-                                             args.at(g, nesterov) != 0.0,
-                                             args.at(g, maximize) != 0.0);
-    };
-    switch (s.dtype) {
-      case Elem::f32: sgd_chunk<float, float>(s, begin, end, coeffs(0.0f), unscale); break;
-      case Elem::f64: sgd_chunk<double, double>(s, begin, end, coeffs(0.0), unscale); break;
-      case Elem::f16: sgd_chunk<c10::Half, float>(s, begin, end, coeffs(0.0f), unscale); break;
-      case Elem::bf16: sgd_chunk<c10::BFloat16, float>(s, begin, end, coeffs(0.0f), unscale); break;
-    }
-  });
-  advance_schedule<lr, sched_begin, sched_count>(args);
+  run_step(args);
+}
+
+void step_cpu(c10::string_view rule, at::TensorList params, at::TensorList grads,
+              at::TensorList states, at::TensorList masters, at::TensorList state_steps,
+              c10::IntArrayRef group_sizes, const at::Tensor& hyper, at::TensorList lr_tensors,
+              c10::IntArrayRef fresh, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+              const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& clip,
+              int64_t master_mode, int64_t seed) {
+  StepArgs args = collect_step_args("fusedopt::step_", std::string(rule), params, grads, states,
+                                    masters, state_steps, group_sizes, hyper, lr_tensors, fresh,
+                                    grad_scale, found_inf, schedule_state, schedule, clip,
+                                    master_mode, seed);
+  run_step(args);
 }
 
 }  // namespace
@@ -345,6 +397,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("adam_", &adam_cpu);
   m.impl("sgd_", &sgd_cpu);
+  m.impl("step_", &step_cpu);
 }
 
 // A sparse gradient routes the call here; the shared validation rejects it with a message
@@ -352,6 +405,7 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
 TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
   m.impl("adam_", &adam_cpu);
   m.impl("sgd_", &sgd_cpu);
+  m.impl("step_", &step_cpu);
 }
 
 }  // namespace fusedopt

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../update_rules.h"  // kMaxCols, kMaxStates
+
 struct CUstream_st;
 
 namespace fusedopt {
@@ -21,43 +23,37 @@ constexpr int64_t kChunkElems = 1 << 16;
 constexpr int kMaxBlock = 512;
 
 enum TensorFlags : int32_t {
-  kAligned16 = 1,  // param, grad and state pointers are all 16-byte aligned
-  kFresh = 2,      // SGD: momentum buffer never written; take the gradient
+  kAligned16 = 1,  // every role's pointer is 16-byte aligned
+  kFresh = 2,      // the state was never written yet (SGD: the momentum buffer takes the gradient)
 };
 
+// One tensor of the step: where each role lives and its storage type (fusedopt::Elem numbers).
 struct DeviceTensor {
   void* param;
   void* grad;
-  void* state0;  // Adam: exp_avg; SGD: momentum buffer (null without momentum)
-  void* state1;  // Adam: exp_avg_sq
-  void* state2;  // Adam: max_exp_avg_sq (null without amsgrad)
-  float* step;   // Adam: the step counter (float32, on the device)
+  void* master;             // float32 master or int16 remainder (master_kind), or null
+  void* state[kMaxStates];  // the rule's state roles; null: unused by the tensor's group
+  float* step;              // the step counter (float32, on the device) for rules that count steps
   int64_t numel;
   int32_t group;
-  int32_t dtype;  // fusedopt::Elem
-  int32_t num_chunks;  // at least 1
+  int32_t dtype;            // param and grad
+  int32_t state_dtype[kMaxStates];
+  int32_t master_kind;      // fusedopt::Master
+  int32_t num_chunks;       // at least 1
   int32_t flags;
 };
 
-enum GroupFlags : int32_t {
-  kAmsgrad = 1,
-  kMaximize = 2,
-  kDecoupled = 4,
-  kNesterov = 8,
-};
-
-// One param group. Adam: h = {beta1, beta2, eps, weight_decay}; SGD: h = {momentum,
-// dampening, weight_decay, unused}. A device-tensor lr is read through lr_ptr at run time,
-// so a graph replay sees the value a scheduler wrote into it.
+// One param group: its row of the hyper table (update_rules.h columns; the rule reads its own),
+// the state roles it uses, and where its lr comes from. A device-tensor lr is read through lr_ptr
+// at run time, so a graph replay sees the value a scheduler wrote into it.
 // With an in-kernel schedule (sched_count > 0) the lr is schedule_lr() of the group's phase
 // rows at the launch's schedule step, and sched_out receives the lr of the next step.
 struct DeviceGroup {
-  double lr;
-  double h[4];
-  const void* lr_ptr;  // null: use lr
-  void* sched_out;     // null: no in-kernel schedule
+  double row[kMaxCols];  // row[col::lr] is the float lr (NaN when it is read through lr_ptr)
+  const void* lr_ptr;    // null: use row[col::lr]
+  void* sched_out;       // null: no in-kernel schedule
   int32_t lr_is_double;
-  int32_t flags;
+  uint32_t roles;        // bit k: the group's tensors have state role k
   int32_t sched_begin;
   int32_t sched_count;
   int32_t sched_out_is_double;
@@ -85,15 +81,17 @@ struct LaunchArgs {
   int32_t num_tensors;
   const float* grad_scale;   // device scalar, or null
   const float* found_inf;    // device scalar, or null
+  const float* clip;         // device [grad norm, clip coefficient], or null
+  int64_t rounding_seed;     // >= 0: bfloat16 params without a master round stochastically
   float host_inv_scale;      // used when grad_scale is null and has_host_scale is set
   int32_t has_host_scale;
+  int32_t rule;              // fusedopt::RuleId
   int32_t grid;
   int32_t block;
 };
 
-// Both return the cudaError_t of the launch as an int (0 on success).
-int launch_adam(const LaunchArgs& args, CUstream_st* stream);
-int launch_sgd(const LaunchArgs& args, CUstream_st* stream);
+// Launches the kernel of args.rule; returns the cudaError_t of the launch as an int (0: success).
+int launch_step(const LaunchArgs& args, CUstream_st* stream);
 
 }  // namespace cuda
 }  // namespace fusedopt

@@ -198,8 +198,9 @@ const float* device_float_scalar(const char* op, const char* what,
 
 // Launches one fused step. Returns without launching when a CPU found_inf says to skip, or
 // when there is nothing to do (no tensor and no in-kernel schedule).
-void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, Rule rule) {
+void launch(const char* op, const StepArgs& args) {
+  const std::optional<at::Tensor>& grad_scale = args.grad_scale;
+  const std::optional<at::Tensor>& found_inf = args.found_inf;
   if (args.tensors.empty() && args.schedule_step == nullptr) return;
   if (found_inf.has_value() && found_inf->device().is_cpu() && found_inf->item<double>() != 0.0) {
     return;
@@ -218,7 +219,7 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   Upload tensors = cached.value_or(Upload{});
   HostTables tables;
   try {
-    tables = pack_tables(args, rule, kChunkElems, /*cpu_lr_by_pointer=*/false,
+    tables = pack_tables(args, kChunkElems, /*cpu_lr_by_pointer=*/false,
                          /*tensor_bytes=*/!cached.has_value());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, op, ": ", e.what());
@@ -238,6 +239,7 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   LaunchArgs la = make_launch_args(tables, args, groups.table, tensors.table, tensors.counters);
   la.grad_scale = device_float_scalar(op, "grad_scale", grad_scale);
   la.found_inf = device_float_scalar(op, "found_inf", found_inf);
+  if (args.clip.has_value()) la.clip = args.clip->data_ptr<float>();
   if (grad_scale.has_value() && grad_scale->device().is_cpu()) {
     la.has_host_scale = 1;
     la.host_inv_scale = static_cast<float>(1.0 / grad_scale->item<double>());
@@ -245,7 +247,7 @@ void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor
   la.grid = launch_grid(tables, static_cast<int64_t>(sm_count(args.device.index())) * kBlocksPerSm);
   la.block = kBlock;
   if (la.grid == 0) return;
-  const int err = rule == Rule::adam ? launch_adam(la, stream.stream()) : launch_sgd(la, stream.stream());
+  const int err = launch_step(la, stream.stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   table_cache().mark_used(groups.table, stream.stream(), capturing);
   table_cache().mark_used(tensors.table, stream.stream(), capturing);
@@ -258,12 +260,14 @@ using CudaOps = KernelOps<launch>;
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
   m.impl("adam_", &CudaOps::adam);
   m.impl("sgd_", &CudaOps::sgd);
+  m.impl("step_", &CudaOps::step);
 }
 
 // Sparse gradients reach the shared validation, which names the offending tensor.
 TORCH_LIBRARY_IMPL(fusedopt, SparseCUDA, m) {
   m.impl("adam_", &CudaOps::adam);
   m.impl("sgd_", &CudaOps::sgd);
+  m.impl("step_", &CudaOps::step);
 }
 
 }  // namespace cuda

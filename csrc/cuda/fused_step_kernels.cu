@@ -1,13 +1,15 @@
 // The fused CUDA kernels: one launch walks the chunk table of every tensor of every param
-// group and dtype on one device. Pure CUDA (no torch headers) so nvcc compiles it quickly;
-// the per-element math is the same header the CPU kernels use.
+// group and dtype on one device. Pure CUDA (no torch headers) so nvcc compiles it quickly; the
+// per-element math is the rules of update_rules.h, which the CPU kernels use too, and this file
+// is the one traversal all rules share: it loads every role (param or master, grad, states) into
+// math values whatever its storage type, calls the rule, and stores them back.
 #include <cuda/atomic>
-#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "../precision.h"
 #include "../update_rules.h"
 #include "device_tables.h"
 
@@ -15,63 +17,130 @@ namespace fusedopt {
 namespace cuda {
 namespace {
 
-// Element types as fusedopt::Elem numbers them (csrc/step_args.h).
+// Storage types as fusedopt::Elem numbers them (csrc/step_table.h).
 enum : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+// What a tensor keeps of its float32 master (fusedopt::Master).
+enum : int32_t { kNoMaster = 0, kFullMaster = 1, kRemainder = 2 };
+
+// Storage <-> math conversions. bfloat16 is handled as its raw bits (precision.h), so the
+// rounding is the same bit manipulation on the GPU, in the emulation and on the CPU.
+template <typename S>
+__device__ __forceinline__ S to_math(float x) { return static_cast<S>(x); }
+template <typename S>
+__device__ __forceinline__ S to_math(double x) { return static_cast<S>(x); }
+template <typename S>
+__device__ __forceinline__ S to_math(__half x) { return static_cast<S>(__half2float(x)); }
+template <typename S>
+__device__ __forceinline__ S to_math(uint16_t bf16_bits) { return static_cast<S>(bf16_bits_to_float(bf16_bits)); }
 
 template <typename T>
-struct Elt;
+struct FromMath;
 template <>
-struct Elt<float> {
-  using Math = float;
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
+struct FromMath<float> {
+  template <typename S>
+  static __device__ __forceinline__ float cast(S x) { return static_cast<float>(x); }
 };
 template <>
-struct Elt<double> {
-  using Math = double;
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
+struct FromMath<double> {
+  template <typename S>
+  static __device__ __forceinline__ double cast(S x) { return static_cast<double>(x); }
 };
 template <>
-struct Elt<__half> {
-  using Math = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+struct FromMath<__half> {
+  template <typename S>
+  static __device__ __forceinline__ __half cast(S x) { return __float2half_rn(static_cast<float>(x)); }
 };
 template <>
-struct Elt<__nv_bfloat16> {
-  using Math = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+struct FromMath<uint16_t> {  // bfloat16, to nearest even like torch's .to(bfloat16)
+  template <typename S>
+  static __device__ __forceinline__ uint16_t cast(S x) { return bf16_bits_nearest_even(static_cast<float>(x)); }
 };
 
-// 16 bytes of T: one vector load or store.
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kN = 16 / sizeof(T);
-  T v[kN];
+// N consecutive elements of T: one or more 16-byte accesses when Vec is set (the tensor's
+// pointers are 16-byte aligned and N elements start at a multiple of N).
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Elems {
+  T v[N];
 };
 
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T>*>(p);
+template <typename T, typename S, int N, bool Vec>
+__device__ __forceinline__ void load_as(const void* base, int64_t j, S (&out)[N]) {
+  const T* p = static_cast<const T*>(base) + j;
+  if constexpr (Vec) {
+    const Elems<T, N> x = *reinterpret_cast<const Elems<T, N>*>(p);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_math<S>(x.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_math<S>(p[k]);
+  }
 }
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
-  *reinterpret_cast<Pack<T>*>(p) = x;
+
+template <typename T, typename S, int N, bool Vec>
+__device__ __forceinline__ void store_as(void* base, int64_t j, const S (&in)[N]) {
+  T* p = static_cast<T*>(base) + j;
+  if constexpr (Vec) {
+    Elems<T, N> x;
+#pragma unroll
+    for (int k = 0; k < N; ++k) x.v[k] = FromMath<T>::cast(in[k]);
+    *reinterpret_cast<Elems<T, N>*>(p) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[k] = FromMath<T>::cast(in[k]);
+  }
 }
 
-struct Unscale {
-  bool active;
+// A role of any storage type (the switch is uniform across a warp: one tensor per chunk).
+template <typename S, int N, bool Vec>
+__device__ __forceinline__ void load_role(const void* base, int32_t dtype, int64_t j, S (&out)[N]) {
+  switch (dtype) {
+    case kF32: load_as<float, S, N, Vec>(base, j, out); break;
+    case kF64: load_as<double, S, N, Vec>(base, j, out); break;
+    case kF16: load_as<__half, S, N, Vec>(base, j, out); break;
+    default: load_as<uint16_t, S, N, Vec>(base, j, out); break;
+  }
+}
+
+template <typename S, int N, bool Vec>
+__device__ __forceinline__ void store_role(void* base, int32_t dtype, int64_t j, const S (&in)[N]) {
+  switch (dtype) {
+    case kF32: store_as<float, S, N, Vec>(base, j, in); break;
+    case kF64: store_as<double, S, N, Vec>(base, j, in); break;
+    case kF16: store_as<__half, S, N, Vec>(base, j, in); break;
+    default: store_as<uint16_t, S, N, Vec>(base, j, in); break;
+  }
+}
+
+// What every element of a launch reads besides its tensors: GradScaler's unscale and the clip.
+struct GradScalars {
+  bool unscale;
   float inv_scale;
+  bool clip;
+  float clip_coef;
 };
 
-__device__ __forceinline__ Unscale read_unscale(const LaunchArgs& a) {
+__device__ __forceinline__ GradScalars read_scalars(const LaunchArgs& a) {
+  GradScalars s{a.has_host_scale != 0, a.host_inv_scale, false, 1.0f};
   if (a.grad_scale != nullptr) {
     // The float32 reciprocal GradScaler.unscale_ uses, so both paths agree exactly.
-    return {true, static_cast<float>(1.0 / static_cast<double>(*a.grad_scale))};
+    s.unscale = true;
+    s.inv_scale = static_cast<float>(1.0 / static_cast<double>(*a.grad_scale));
   }
-  return {a.has_host_scale != 0, a.host_inv_scale};
+  if (a.clip != nullptr) {
+    s.clip_coef = a.clip[1];
+    s.clip = s.clip_coef != 1.0f;  // a clamped coefficient of 1 leaves the grads as they are
+  }
+  return s;
+}
+
+// Whether the whole launch is skipped: GradScaler found an inf, or the clip's norm is not finite.
+__device__ __forceinline__ bool skip_step(const LaunchArgs& a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return true;
+  if (a.clip != nullptr) {
+    const float norm = a.clip[0];
+    if (!(norm - norm == 0.0f)) return true;  // inf or NaN
+  }
+  return false;
 }
 
 __device__ __forceinline__ double read_lr(const LaunchArgs& a, const DeviceGroup& g) {
@@ -79,113 +148,109 @@ __device__ __forceinline__ double read_lr(const LaunchArgs& a, const DeviceGroup
     return schedule_lr(a.phases + static_cast<int64_t>(g.sched_begin) * phase_col::count,
                        g.sched_count, static_cast<double>(*a.schedule_step));
   }
-  if (g.lr_ptr == nullptr) return g.lr;
+  if (g.lr_ptr == nullptr) return g.row[col::lr];
   return g.lr_is_double ? *static_cast<const double*>(g.lr_ptr)
                         : static_cast<double>(*static_cast<const float*>(g.lr_ptr));
 }
 
-template <typename T>
-__device__ void adam_range(const DeviceTensor& t, int64_t begin, int64_t end,
-                           const AdamCoeffs<typename Elt<T>::Math>& c, Unscale us) {
-  using S = typename Elt<T>::Math;
-  T* P = static_cast<T*>(t.param);
-  T* G = static_cast<T*>(t.grad);
-  T* M = static_cast<T*>(t.state0);
-  T* V = static_cast<T*>(t.state1);
-  T* VM = static_cast<T*>(t.state2);
-  const S inv = static_cast<S>(us.inv_scale);
-  int64_t i = begin;
-  if (t.flags & kAligned16) {
-    constexpr int kN = Pack<T>::kN;
-    const int64_t nvec = (end - begin) / kN;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int64_t j = begin + v * kN;
-      Pack<T> p = load_pack(P + j), g = load_pack(G + j), m = load_pack(M + j),
-              v2 = load_pack(V + j), vm;
-      if (c.amsgrad) vm = load_pack(VM + j);
+// N elements of tensor t starting at j: load every role, update, store.
+template <typename Rule, typename S, int N, bool Vec>
+__device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t index, int64_t j,
+                                             uint32_t roles,
+                                             const typename Rule::template Coeffs<S>& c,
+                                             const GradScalars& gs, uint64_t seed, bool stochastic) {
+  S p[N], g[N], st[Rule::kStates][N];
+  uint16_t bits[N];
+  int16_t rem[N];
+  if (t.master_kind == kFullMaster) {
+    load_as<float, S, N, Vec>(t.master, j, p);
+  } else if (t.master_kind == kRemainder) {
+    const Elems<uint16_t, N> b = *reinterpret_cast<const Elems<uint16_t, N>*>(static_cast<const uint16_t*>(t.param) + j);
+    const Elems<int16_t, N> r = *reinterpret_cast<const Elems<int16_t, N>*>(static_cast<const int16_t*>(t.master) + j);
 #pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        S ps = Elt<T>::load(p.v[k]), gs = Elt<T>::load(g.v[k]), ms = Elt<T>::load(m.v[k]);
-        S vs = Elt<T>::load(v2.v[k]), vms = c.amsgrad ? Elt<T>::load(vm.v[k]) : S(0);
-        if (us.active) {
-          gs = gs * inv;
-          g.v[k] = Elt<T>::store(gs);
-        }
-        adam_update<S, S>(ps, gs, ms, vs, vms, c);
-        p.v[k] = Elt<T>::store(ps);
-        m.v[k] = Elt<T>::store(ms);
-        v2.v[k] = Elt<T>::store(vs);
-        if (c.amsgrad) vm.v[k] = Elt<T>::store(vms);
-      }
-      store_pack(P + j, p);
-      store_pack(M + j, m);
-      store_pack(V + j, v2);
-      if (c.amsgrad) store_pack(VM + j, vm);
-      if (us.active) store_pack(G + j, g);
-    }
-    i = begin + nvec * kN;
+    for (int k = 0; k < N; ++k) p[k] = static_cast<S>(join_master(b.v[k], r.v[k]));
+  } else {
+    load_role<S, N, Vec>(t.param, t.dtype, j, p);
   }
-  for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
-    S ps = Elt<T>::load(P[j]), gs = Elt<T>::load(G[j]), ms = Elt<T>::load(M[j]);
-    S vs = Elt<T>::load(V[j]), vms = c.amsgrad ? Elt<T>::load(VM[j]) : S(0);
-    if (us.active) {
-      gs = gs * inv;
-      G[j] = Elt<T>::store(gs);
+  load_role<S, N, Vec>(t.grad, t.dtype, j, g);
+#pragma unroll
+  for (int r = 0; r < Rule::kStates; ++r) {
+    if (roles & (1u << r)) load_role<S, N, Vec>(t.state[r], t.state_dtype[r], j, st[r]);
+  }
+  if (gs.unscale) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) g[k] = g[k] * static_cast<S>(gs.inv_scale);
+    store_role<S, N, Vec>(t.grad, t.dtype, j, g);
+  }
+  const bool fresh = (t.flags & kFresh) != 0;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    S gk = gs.clip ? g[k] * static_cast<S>(gs.clip_coef) : g[k];
+    S sk[Rule::kStates];
+#pragma unroll
+    for (int r = 0; r < Rule::kStates; ++r) sk[r] = (roles & (1u << r)) ? st[r][k] : S(0);
+    Rule::template update<S, S>(p[k], gk, sk, fresh, c);
+#pragma unroll
+    for (int r = 0; r < Rule::kStates; ++r) st[r][k] = sk[r];
+  }
+#pragma unroll
+  for (int r = 0; r < Rule::kStates; ++r) {
+    if (roles & (1u << r)) store_role<S, N, Vec>(t.state[r], t.state_dtype[r], j, st[r]);
+  }
+  if (t.master_kind == kFullMaster) {
+    store_as<float, S, N, Vec>(t.master, j, p);
+    if (t.dtype == kBF16) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) bits[k] = bf16_bits_nearest_away(static_cast<float>(p[k]));
+      Elems<uint16_t, N> b;
+#pragma unroll
+      for (int k = 0; k < N; ++k) b.v[k] = bits[k];
+      *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
+    } else {
+      store_role<S, N, Vec>(t.param, t.dtype, j, p);  // float16: to nearest even
     }
-    adam_update<S, S>(ps, gs, ms, vs, vms, c);
-    P[j] = Elt<T>::store(ps);
-    M[j] = Elt<T>::store(ms);
-    V[j] = Elt<T>::store(vs);
-    if (c.amsgrad) VM[j] = Elt<T>::store(vms);
+  } else if (t.master_kind == kRemainder) {
+    Elems<uint16_t, N> b;
+    Elems<int16_t, N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      split_master(static_cast<float>(p[k]), bits[k], rem[k]);
+      b.v[k] = bits[k];
+      r.v[k] = rem[k];
+    }
+    *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
+    *reinterpret_cast<Elems<int16_t, N>*>(static_cast<int16_t*>(t.master) + j) = r;
+  } else if (stochastic && t.dtype == kBF16) {
+    Elems<uint16_t, N> b;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      b.v[k] = bf16_bits_stochastic(static_cast<float>(p[k]),
+                                    rounding_bits(seed, static_cast<uint64_t>(index),
+                                                  static_cast<uint64_t>(j + k)));
+    }
+    *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
+  } else {
+    store_role<S, N, Vec>(t.param, t.dtype, j, p);
   }
 }
 
-template <typename T>
-__device__ void sgd_range(const DeviceTensor& t, int64_t begin, int64_t end,
-                          const SgdCoeffs<typename Elt<T>::Math>& c, Unscale us) {
-  using S = typename Elt<T>::Math;
-  T* P = static_cast<T*>(t.param);
-  T* G = static_cast<T*>(t.grad);
-  T* B = static_cast<T*>(t.state0);
-  const bool fresh = (t.flags & kFresh) != 0;
-  const bool read_buf = c.has_momentum && !fresh;
-  const S inv = static_cast<S>(us.inv_scale);
+// Elements [begin, end) of tensor t: 16-byte accesses of N elements per thread where the tensor
+// is aligned, then one element per thread.
+template <typename Rule, typename S>
+__device__ void update_range(const DeviceTensor& t, int32_t index, int64_t begin, int64_t end,
+                             uint32_t roles, const typename Rule::template Coeffs<S>& c,
+                             const GradScalars& gs, uint64_t seed, bool stochastic) {
+  constexpr int kN = sizeof(S) == 8 ? 4 : 8;  // 16 bytes of bfloat16; 32 of float32 or float64
   int64_t i = begin;
   if (t.flags & kAligned16) {
-    constexpr int kN = Pack<T>::kN;
-    const int64_t nvec = (end - begin) / kN;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int64_t j = begin + v * kN;
-      Pack<T> p = load_pack(P + j), g = load_pack(G + j), b;
-      if (read_buf) b = load_pack(B + j);
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        S ps = Elt<T>::load(p.v[k]), gs = Elt<T>::load(g.v[k]);
-        S bs = read_buf ? Elt<T>::load(b.v[k]) : S(0);
-        if (us.active) {
-          gs = gs * inv;
-          g.v[k] = Elt<T>::store(gs);
-        }
-        sgd_update<S, S>(ps, gs, bs, fresh, c);
-        p.v[k] = Elt<T>::store(ps);
-        if (c.has_momentum) b.v[k] = Elt<T>::store(bs);
-      }
-      store_pack(P + j, p);
-      if (c.has_momentum) store_pack(B + j, b);
-      if (us.active) store_pack(G + j, g);
+    const int64_t units = (end - begin) / kN;
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+      update_elems<Rule, S, kN, true>(t, index, begin + u * kN, roles, c, gs, seed, stochastic);
     }
-    i = begin + nvec * kN;
+    i = begin + units * kN;
   }
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
-    S ps = Elt<T>::load(P[j]), gs = Elt<T>::load(G[j]);
-    S bs = read_buf ? Elt<T>::load(B[j]) : S(0);
-    if (us.active) {
-      gs = gs * inv;
-      G[j] = Elt<T>::store(gs);
-    }
-    sgd_update<S, S>(ps, gs, bs, fresh, c);
-    P[j] = Elt<T>::store(ps);
-    if (c.has_momentum) B[j] = Elt<T>::store(bs);
+    update_elems<Rule, S, 1, false>(t, index, j, roles, c, gs, seed, stochastic);
   }
 }
 
@@ -224,9 +289,11 @@ __device__ void finish_launch(const LaunchArgs& a) {
   reset_count(launch_counter);
 }
 
-__global__ void __launch_bounds__(kMaxBlock) adam_kernel(const LaunchArgs a) {
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
-  const Unscale us = read_unscale(a);
+template <typename Rule>
+__global__ void __launch_bounds__(kMaxBlock) step_kernel(const LaunchArgs a) {
+  if (skip_step(a)) return;  // touch nothing
+  const GradScalars gs = read_scalars(a);
+  const bool stochastic = a.rounding_seed >= 0;
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const DeviceChunk ch = a.chunks[c];
     const DeviceTensor& t = a.tensors[ch.tensor];
@@ -234,34 +301,25 @@ __global__ void __launch_bounds__(kMaxBlock) adam_kernel(const LaunchArgs a) {
     const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems : t.numel;
     // Every chunk reads the counter before any block writes it (see below): all of a tensor's
     // chunks compute with the same new step.
-    const double step = static_cast<double>(*t.step) + 1.0;
+    const double step = Rule::kHasStep ? static_cast<double>(*t.step) + 1.0 : 0.0;
+    const uint64_t seed = step_seed(a.rounding_seed, step);
     const double lr = read_lr(a, g);
-    const bool ams = g.flags & kAmsgrad, maxi = g.flags & kMaximize, dec = g.flags & kDecoupled;
-    switch (t.dtype) {
-      case kF32:
-        adam_range<float>(t, ch.begin, end,
-                          make_adam_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], g.h[3], ams, maxi, dec, step), us);
-        break;
-      case kF64:
-        adam_range<double>(t, ch.begin, end,
-                           make_adam_coeffs<double>(lr, g.h[0], g.h[1], g.h[2], g.h[3], ams, maxi, dec, step), us);
-        break;
-      case kF16:
-        adam_range<__half>(t, ch.begin, end,
-                           make_adam_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], g.h[3], ams, maxi, dec, step), us);
-        break;
-      default:
-        adam_range<__nv_bfloat16>(t, ch.begin, end,
-                                  make_adam_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], g.h[3], ams, maxi, dec, step), us);
-        break;
+    if (t.dtype == kF64) {
+      update_range<Rule, double>(t, ch.tensor, ch.begin, end, g.roles,
+                                 Rule::template coeffs<double>(g.row, lr, step), gs, seed, stochastic);
+    } else {
+      update_range<Rule, float>(t, ch.tensor, ch.begin, end, g.roles,
+                                Rule::template coeffs<float>(g.row, lr, step), gs, seed, stochastic);
     }
-    // The last block to finish a chunk of this tensor bumps its step counter: by then every
-    // chunk has read the old value. The counter returns to zero for the next launch.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (count_done(&a.done_counters[ch.tensor]) == t.num_chunks - 1) {
-        *t.step = static_cast<float>(step);
-        reset_count(&a.done_counters[ch.tensor]);
+    if constexpr (Rule::kHasStep) {
+      // The last block to finish a chunk of this tensor bumps its step counter: by then every
+      // chunk has read the old value. The counter returns to zero for the next launch.
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        if (count_done(&a.done_counters[ch.tensor]) == t.num_chunks - 1) {
+          *t.step = static_cast<float>(step);
+          reset_count(&a.done_counters[ch.tensor]);
+        }
       }
     }
   }
@@ -269,55 +327,29 @@ __global__ void __launch_bounds__(kMaxBlock) adam_kernel(const LaunchArgs a) {
   if (threadIdx.x == 0) finish_launch(a);
 }
 
-__global__ void __launch_bounds__(kMaxBlock) sgd_kernel(const LaunchArgs a) {
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
-  const Unscale us = read_unscale(a);
-  for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
-    const DeviceChunk ch = a.chunks[c];
-    const DeviceTensor& t = a.tensors[ch.tensor];
-    const DeviceGroup& g = a.groups[t.group];
-    const int64_t end = ch.begin + a.chunk_elems < t.numel ? ch.begin + a.chunk_elems : t.numel;
-    const double lr = read_lr(a, g);
-    const bool nest = g.flags & kNesterov, maxi = g.flags & kMaximize;
-    switch (t.dtype) {
-      case kF32:
-        sgd_range<float>(t, ch.begin, end, make_sgd_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], nest, maxi), us);
-        break;
-      case kF64:
-        sgd_range<double>(t, ch.begin, end, make_sgd_coeffs<double>(lr, g.h[0], g.h[1], g.h[2], nest, maxi), us);
-        break;
-      case kF16:
-        sgd_range<__half>(t, ch.begin, end, make_sgd_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], nest, maxi), us);
-        break;
-      default:
-        sgd_range<__nv_bfloat16>(t, ch.begin, end, make_sgd_coeffs<float>(lr, g.h[0], g.h[1], g.h[2], nest, maxi), us);
-        break;
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) finish_launch(a);
+template <typename Rule>
+int launch_rule(const LaunchArgs& args, CUstream_st* stream) {
+#ifdef FUSEDOPT_EMULATED_CUDA
+  (void)stream;
+  return fusedopt_emulation::launch(step_kernel<Rule>, args.grid, args.block, args);
+#else
+  step_kernel<Rule><<<args.grid, args.block, 0, stream>>>(args);
+  return static_cast<int>(cudaGetLastError());
+#endif
 }
 
 }  // namespace
 
 // The emulated backend (emulation/cuda_shim.h) compiles this file as host C++ and runs the
 // kernels on CPU threads; only the launch itself differs.
-int launch_adam(const LaunchArgs& args, CUstream_st* stream) {
-#ifdef FUSEDOPT_EMULATED_CUDA
-  return fusedopt_emulation::launch(adam_kernel, args.grid, args.block, args);
-#else
-  adam_kernel<<<args.grid, args.block, 0, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
-#endif
-}
-
-int launch_sgd(const LaunchArgs& args, CUstream_st* stream) {
-#ifdef FUSEDOPT_EMULATED_CUDA
-  return fusedopt_emulation::launch(sgd_kernel, args.grid, args.block, args);
-#else
-  sgd_kernel<<<args.grid, args.block, 0, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
-#endif
+int launch_step(const LaunchArgs& args, CUstream_st* stream) {
+  switch (static_cast<RuleId>(args.rule)) {
+    case RuleId::sgd: return launch_rule<SgdRule>(args, stream);
+    case RuleId::rmsprop: return launch_rule<RmspropRule>(args, stream);
+    case RuleId::adagrad: return launch_rule<AdagradRule>(args, stream);
+    case RuleId::lion: return launch_rule<LionRule>(args, stream);
+    default: return launch_rule<AdamRule>(args, stream);
+  }
 }
 
 }  // namespace cuda

@@ -20,34 +20,6 @@ T* grow(std::vector<uint8_t>& bytes, int64_t count) {
   return reinterpret_cast<T*>(bytes.data() + at);
 }
 
-struct Cols {
-  int lr, lr_index, sched_begin, sched_count;
-};
-
-Cols group_row(const StepTable& args, Rule rule, int64_t g, DeviceGroup& dg) {
-  int32_t flags = 0;
-  if (rule == Rule::adam) {
-    dg.lr = args.at(g, adam_col::lr);
-    dg.h[0] = args.at(g, adam_col::beta1);
-    dg.h[1] = args.at(g, adam_col::beta2);
-    dg.h[2] = args.at(g, adam_col::eps);
-    dg.h[3] = args.at(g, adam_col::weight_decay);
-    if (args.at(g, adam_col::amsgrad) != 0.0) flags |= kAmsgrad;
-    if (args.at(g, adam_col::maximize) != 0.0) flags |= kMaximize;
-    if (args.at(g, adam_col::decoupled) != 0.0) flags |= kDecoupled;
-    dg.flags = flags;
-    return {adam_col::lr, adam_col::lr_index, adam_col::sched_begin, adam_col::sched_count};
-  }
-  dg.lr = args.at(g, sgd_col::lr);
-  dg.h[0] = args.at(g, sgd_col::momentum);
-  dg.h[1] = args.at(g, sgd_col::dampening);
-  dg.h[2] = args.at(g, sgd_col::weight_decay);
-  if (args.at(g, sgd_col::nesterov) != 0.0) flags |= kNesterov;
-  if (args.at(g, sgd_col::maximize) != 0.0) flags |= kMaximize;
-  dg.flags = flags;
-  return {sgd_col::lr, sgd_col::lr_index, sgd_col::sched_begin, sgd_col::sched_count};
-}
-
 }  // namespace
 
 bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>& b) {
@@ -55,23 +27,30 @@ bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>&
   for (size_t i = 0; i < a.size(); ++i) {
     const TensorSlot& x = a[i];
     const TensorSlot& y = b[i];
-    if (x.param != y.param || x.grad != y.grad || x.state0 != y.state0 || x.state1 != y.state1 ||
-        x.state2 != y.state2 || x.step != y.step || x.numel != y.numel || x.group != y.group ||
-        x.dtype != y.dtype || x.fresh != y.fresh || x.step_is_double != y.step_is_double) {
+    if (x.param != y.param || x.grad != y.grad || x.master != y.master || x.step != y.step ||
+        x.numel != y.numel || x.group != y.group || x.dtype != y.dtype ||
+        x.master_kind != y.master_kind || x.fresh != y.fresh || x.step_is_double != y.step_is_double) {
       return false;
+    }
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (x.state[k] != y.state[k] || x.state_dtype[k] != y.state_dtype[k]) return false;
     }
   }
   return true;
 }
 
-HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
-                       bool cpu_lr_by_pointer, bool tensor_bytes) {
+HostTables pack_tables(const StepTable& args, int64_t chunk_elems, bool cpu_lr_by_pointer,
+                       bool tensor_bytes) {
   if (chunk_elems <= 0 || chunk_elems % 8 != 0) {
     throw std::invalid_argument("fusedopt: the CUDA chunk size must be a positive multiple of 8, got " +
                                 std::to_string(chunk_elems));
   }
   if (args.tensors.size() >= (size_t{1} << 31)) {
     throw std::invalid_argument("fusedopt: too many tensors for one launch");
+  }
+  if (args.num_cols > kMaxCols) {
+    throw std::invalid_argument("fusedopt: a hyper row of " + std::to_string(args.num_cols) +
+                                " columns does not fit the CUDA group table");
   }
   HostTables out;
   out.chunk_elems = chunk_elems;
@@ -81,10 +60,12 @@ HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
   for (int64_t g = 0; g < args.num_groups; ++g) {
     DeviceGroup& dg = groups[g];
     dg = DeviceGroup{};
-    const Cols cols = group_row(args, rule, g, dg);
-    if (out.has_schedule && args.at(g, cols.sched_count) > 0) {
-      dg.sched_begin = static_cast<int32_t>(args.at(g, cols.sched_begin));
-      dg.sched_count = static_cast<int32_t>(args.at(g, cols.sched_count));
+    const double* row = &args.hyper[static_cast<size_t>(g * args.num_cols)];
+    std::memcpy(dg.row, row, static_cast<size_t>(args.num_cols) * sizeof(double));
+    dg.roles = visit_rule(args.rule, [&](auto r) { return role_mask<decltype(r)>(row); });
+    if (out.has_schedule && args.at(g, col::sched_count) > 0) {
+      dg.sched_begin = static_cast<int32_t>(args.at(g, col::sched_begin));
+      dg.sched_count = static_cast<int32_t>(args.at(g, col::sched_count));
       const ScheduleOut& so = args.schedule_out[static_cast<size_t>(g)];
       dg.sched_out = so.lr;
       dg.sched_out_is_double = so.is_double;
@@ -93,7 +74,7 @@ HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
     if (lr.ptr != nullptr && (!lr.on_cpu || cpu_lr_by_pointer)) {
       dg.lr_ptr = lr.ptr;
       dg.lr_is_double = lr.is_double;
-      dg.lr = std::numeric_limits<double>::quiet_NaN();  // a kernel that ignored lr_ptr shows
+      dg.row[col::lr] = std::numeric_limits<double>::quiet_NaN();  // a kernel that ignored lr_ptr shows
     }
   }
   out.phases_offset = static_cast<int64_t>(out.groups.size());
@@ -121,17 +102,20 @@ HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems,
     dt = DeviceTensor{};
     dt.param = s.param;
     dt.grad = s.grad;
-    dt.state0 = s.state0;
-    dt.state1 = s.state1;
-    dt.state2 = s.state2;
+    dt.master = s.master;
+    bool aligned = aligned16(s.param) && aligned16(s.grad) && aligned16(s.master);
+    for (int k = 0; k < kMaxStates; ++k) {
+      dt.state[k] = s.state[k];
+      dt.state_dtype[k] = static_cast<int32_t>(s.state_dtype[k]);
+      aligned = aligned && aligned16(s.state[k]);
+    }
+    dt.master_kind = static_cast<int32_t>(s.master_kind);
     dt.step = static_cast<float*>(s.step);
     dt.numel = s.numel;
     dt.group = s.group;
     dt.dtype = static_cast<int32_t>(s.dtype);
     const int64_t n = s.numel == 0 ? 1 : (s.numel + chunk_elems - 1) / chunk_elems;
     dt.num_chunks = static_cast<int32_t>(n);
-    const bool aligned = aligned16(s.param) && aligned16(s.grad) && aligned16(s.state0) &&
-                         aligned16(s.state1) && aligned16(s.state2);
     dt.flags = (aligned ? kAligned16 : 0) | (s.fresh ? kFresh : 0);
     for (int64_t k = 0; k < n; ++k) chunks[c++] = DeviceChunk{static_cast<int32_t>(i), 0, k * chunk_elems};
   }
@@ -151,6 +135,8 @@ LaunchArgs make_launch_args(const HostTables& t, const StepTable& args, const vo
   la.num_chunks = t.num_chunks;
   la.chunk_elems = t.chunk_elems;
   la.done_counters = counters;
+  la.rule = static_cast<int32_t>(args.rule);
+  la.rounding_seed = args.rounding_seed;
   if (t.has_schedule) {
     la.phases = reinterpret_cast<const double*>(g + t.phases_offset);
     la.schedule_step = args.schedule_step;

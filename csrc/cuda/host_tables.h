@@ -13,8 +13,6 @@
 namespace fusedopt {
 namespace cuda {
 
-enum class Rule : int32_t { adam, sgd };
-
 struct HostTables {
   std::vector<uint8_t> groups;   // DeviceGroup x num_groups, then the schedule rows (doubles)
   std::vector<uint8_t> tensors;  // DeviceTensor x num_tensors, then DeviceChunk x num_chunks
@@ -31,7 +29,7 @@ struct HostTables {
 // emulated backend, whose "device" memory is host memory); otherwise their value was copied
 // into the table at validation, as a GPU cannot read host memory.
 // `tensor_bytes` false: the tensor table's sizes only (a cached copy of it is reused).
-HostTables pack_tables(const StepTable& args, Rule rule, int64_t chunk_elems = kChunkElems,
+HostTables pack_tables(const StepTable& args, int64_t chunk_elems = kChunkElems,
                        bool cpu_lr_by_pointer = false, bool tensor_bytes = true);
 
 // Whether two steps' tensor slots pack to the same tensor table: the table is a function of the
@@ -40,7 +38,7 @@ bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>&
 
 // The launch arguments for tables uploaded at `groups` and `tensors` (device addresses of the
 // two byte tables), with `counters` (num_tensors + 1 zeroed int32s). grad_scale, found_inf,
-// grid and block are the caller's to set.
+// clip, grid and block are the caller's to set.
 LaunchArgs make_launch_args(const HostTables& t, const StepTable& args, const void* groups,
                             const void* tensors, int32_t* counters);
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include "../step_args.h"
 #include "host_tables.h"
@@ -11,9 +12,7 @@
 namespace fusedopt {
 namespace cuda {
 
-using LaunchFn = void (*)(const char* op, const StepArgs& args,
-                          const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf, Rule rule);
+using LaunchFn = void (*)(const char* op, const StepArgs& args);
 
 template <LaunchFn Launch>
 struct KernelOps {
@@ -29,8 +28,8 @@ struct KernelOps {
                                             max_exp_avg_sqs, state_steps, group_sizes, hyper,
                                             lr_tensors, grad_scale, found_inf, schedule_state,
                                             schedule);
-    check_kernel_steps(op, state_steps);
-    Launch(op, args, grad_scale, found_inf, Rule::adam);
+    check_kernel_steps(op, args);
+    Launch(op, args);
   }
 
   static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -43,7 +42,24 @@ struct KernelOps {
     const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes,
                                            hyper, lr_tensors, fresh_buffers, grad_scale,
                                            found_inf, schedule_state, schedule);
-    Launch(op, args, grad_scale, found_inf, Rule::sgd);
+    Launch(op, args);
+  }
+
+  static void step(c10::string_view rule, at::TensorList params, at::TensorList grads,
+                   at::TensorList states, at::TensorList masters, at::TensorList state_steps,
+                   c10::IntArrayRef group_sizes, const at::Tensor& hyper,
+                   at::TensorList lr_tensors, c10::IntArrayRef fresh,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
+                   const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& clip,
+                   int64_t master_mode, int64_t seed) {
+    const char* op = "fusedopt::step_";
+    const StepArgs args = collect_step_args(op, std::string(rule), params, grads, states, masters,
+                                            state_steps, group_sizes, hyper, lr_tensors, fresh,
+                                            grad_scale, found_inf, schedule_state, schedule, clip,
+                                            master_mode, seed);
+    check_kernel_steps(op, args);
+    Launch(op, args);
   }
 };
 

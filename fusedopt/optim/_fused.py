@@ -32,11 +32,14 @@ import torch
 from torch import Tensor
 
 from fusedopt._extension import require
-from fusedopt.ops import _lr_entry, hyper_table, on_device
+from fusedopt.ops import RULES, _lr_entry, hyper_table, on_device
 
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)\]")
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MASTER_KEYS = {1: "master_param", 2: "master_remainder"}
 _local_of = operator.attrgetter("_local_tensor")
 _spec_of = operator.attrgetter("_spec")
 _grad_of = operator.attrgetter("grad")
@@ -144,21 +147,117 @@ def real_views(tensors: list[Tensor], complex_idx: list[int]) -> list[Tensor]:
 class FusedStepMixin:
     """Mixed in before a torch.optim class: replaces its step with one fused op call per device.
 
-    Subclasses define ``_columns``, ``_hyper_row(group)``, ``_structure(group)``,
-    ``_prepare_state(p, group, state)``, ``_entry_extra(group)`` and ``_launch(batch, grad_scale, found_inf) -> bool`` (False: a
-    param lost its grad or a state entry since the plan was built; nothing was changed).
+    A subclass names its update rule (``_rule``, one of ``fusedopt.ops.RULES``: csrc/update_rules.h)
+    and defines ``_hyper_row(group)`` (its columns), ``_structure(group)`` (what changes the plan),
+    ``_prepare_state(p, group, state)`` (lazy state, made with ``_new_state``); everything else,
+    the precision options included, is shared. SGD adds hooks for its fresh momentum buffers.
     """
 
     # GradScaler hands us grad_scale / found_inf; unscaling and the skip happen in the kernel.
     _step_supports_amp_scaling = True
     _sparse_hint = "please consider SparseAdam instead"
+    _rule: str
 
-    def _fused_init(self) -> None:
+    def _fused_init(self, master_weights: bool = False, master_remainders: bool = False,
+                    state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+        name = type(self).__name__
         if any(g.get("differentiable") for g in self.param_groups):
-            raise RuntimeError(f"fusedopt.{type(self).__name__} does not support `differentiable`")
+            raise RuntimeError(f"fusedopt.{name} does not support `differentiable`")
+        for opt, value in (("master_weights", master_weights), ("master_remainders", master_remainders),
+                           ("stochastic_rounding", stochastic_rounding)):
+            if not isinstance(value, bool):
+                raise TypeError(f"fusedopt.{name}: {opt} must be a bool, got {value!r}")
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"fusedopt.{name}: state_dtype must be None (the param's dtype), torch.float32, "
+                             f"torch.float16 or torch.bfloat16, got {state_dtype!r}")
+        if master_remainders and not master_weights:
+            raise ValueError(f"fusedopt.{name}: master_remainders=True needs master_weights=True (the "
+                             "remainder is the low half of a float32 master weight)")
+        if stochastic_rounding and master_weights:
+            raise ValueError(f"fusedopt.{name}: stochastic_rounding=True rounds bfloat16 params that have no "
+                             "master; with master_weights=True the float32 master already keeps small updates")
+        self._precision = dict(master_weights=master_weights, master_remainders=master_remainders,
+                               state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+        for group in self.param_groups:
+            self._check_precision_params(group)
         self._plan: _Plan | None = None
         self._step_supports_amp_scaling = True
         self._kernel_schedule = None
+
+    def _check_precision_params(self, group: dict) -> None:
+        if not self._precision["master_remainders"]:
+            return
+        for k, p in enumerate(group["params"]):
+            if p.dtype == torch.float16:
+                raise ValueError(
+                    f"fusedopt.{type(self).__name__}: master_remainders=True needs bfloat16 params, but a param "
+                    f"of this group ({k}) is float16; use master_weights=True alone for float16 params")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_precision"):  # (torch's __init__ adds the first groups before _fused_init)
+            self._check_precision_params(self.param_groups[-1])
+
+    @property
+    def _columns(self) -> dict[str, int]:
+        return RULES[self._rule]["columns"]
+
+    @property
+    def _master_mode(self) -> int:
+        prec = self._precision
+        return 0 if not prec["master_weights"] else (2 if prec["master_remainders"] else 1)
+
+    def _new_state(self, p: Tensor, fill: float = 0.0) -> Tensor:
+        """A state tensor for ``p`` (a moment, a momentum buffer): its shape and layout, in
+        ``state_dtype`` when that option is set (floating params), else in ``p``'s dtype."""
+        dtype = self._precision["state_dtype"] if p.is_floating_point() else None
+        return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _prepare_precision(self, p: Tensor, state: dict) -> None:
+        """Brings a param's state in line with the precision options: the rule's state tensors in
+        ``state_dtype`` (a loaded torch.optim state holds them in the param's dtype), and the float32
+        master or its remainder of a 16-bit param, made from the param when missing."""
+        dtype = self._precision["state_dtype"]
+        if dtype is not None and p.is_floating_point():
+            for key in RULES[self._rule]["roles"]:
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.dtype != dtype:
+                    state[key] = value.to(dtype)
+        mode = self._master_mode
+        if mode and p.dtype in _HALF_TYPES:
+            key = _MASTER_KEYS[mode]
+            if not isinstance(state.get(key), Tensor):
+                if mode == 1:
+                    state[key] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+                else:  # the param is the master exactly: a zero remainder
+                    state[key] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts every state tensor to its param's dtype: a float32 master would be
+        # rounded to the param's 16 bits, an int16 remainder turned into garbage, and moments kept
+        # in a wider state_dtype rounded twice. Those entries are kept as saved instead.
+        keep = []
+        roles = set(RULES[self._rule]["roles"]) if self._precision["state_dtype"] is not None else set()
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for pid, st in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is None or not isinstance(st, dict):
+                continue
+            for key, value in st.items():
+                if isinstance(value, Tensor) and (key in _MASTER_KEYS.values() or key in roles):
+                    keep.append((p, key, value))
+        super().load_state_dict(state_dict)
+        for p, key, value in keep:
+            if key in roles and p.is_floating_point():
+                value = value.to(dtype=self._precision["state_dtype"])
+            self.state[p][key] = value.to(device=p.device)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_precision"] = self._precision
+        return state
 
     def _attach_kernel_schedule(self, schedule) -> None:
         self._kernel_schedule = schedule
@@ -193,6 +292,8 @@ class FusedStepMixin:
         super().__setstate__(state)
         self._plan = None
         self._kernel_schedule = getattr(self, "_kernel_schedule", None)
+        self._precision = getattr(self, "_precision", None) or dict(
+            master_weights=False, master_remainders=False, state_dtype=None, stochastic_rounding=False)
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         """The state dict a param's step uses (accessing self.state[p] creates the entry)."""
@@ -239,6 +340,7 @@ class FusedStepMixin:
                     )
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
+                self._prepare_precision(p, state)
                 batch = batches.get((p.device, is_dt))
                 if batch is None:
                     batch = batches[(p.device, is_dt)] = _Batch(p.device, n, dtensor=is_dt)
@@ -351,6 +453,83 @@ class FusedStepMixin:
         subclasses and complex params (real views) go through torch.ops with Python lists."""
         return batch.plain and not batch.complex_idx and not torch.compiler.is_compiling()
 
+    # -- launch ------------------------------------------------------------------------------
+
+    def _entry_extra(self, group: dict):
+        """Per-entry data a subclass keeps in the plan (SGD: whether the group has momentum)."""
+        return None
+
+    def _fresh_params(self, batch: _Batch) -> list[int]:
+        """Params of the batch whose state was never written (SGD's new momentum buffers)."""
+        return []
+
+    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf) -> None:
+        """Bookkeeping after a step that ran (SGD's fresh buffers)."""
+
+    def _rounding_seed(self, device: torch.device) -> int:
+        """The seed of this step's stochastic rounding, from torch's default generator (so
+        ``torch.manual_seed`` makes a run repeat), or -1 without the option."""
+        if not self._precision["stochastic_rounding"]:
+            return -1
+        if (device.type == "cuda" and not RULES[self._rule]["has_step"]
+                and torch.cuda.is_current_stream_capturing()):
+            raise RuntimeError(
+                f"fusedopt.{type(self).__name__}: stochastic_rounding cannot be captured in a CUDA graph "
+                "for this optimizer: its seed is drawn on the host each step, and a replay would round "
+                "with the same bits every step (optimizers that count steps, like Adam, mix the step in)")
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None) -> bool:
+        """One op call for a batch. False, having changed nothing: a param lost its grad or a state
+        entry since the plan was built."""
+        hyper, lr_tensors, sched = self._group_args(batch.device)
+        fresh = self._fresh_params(batch)
+        seed = self._rounding_seed(batch.device)
+        clip = None
+        if self._use_plan_entry(batch):
+            ran = require().plan_step(
+                self._rule, batch.params, batch.states, batch.group_sizes, hyper, lr_tensors, fresh,
+                grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"), owners, clip,
+                self._master_mode, seed)
+        else:
+            ran = self._launch_op(batch, hyper, lr_tensors, sched, fresh, grad_scale, found_inf, clip, seed)
+        if ran:
+            self._after_launch(batch, fresh, found_inf)
+        return ran
+
+    def _launch_op(self, batch: _Batch, hyper, lr_tensors, sched, fresh, grad_scale, found_inf, clip,
+                   seed) -> bool:
+        """The step through ``torch.ops.fusedopt.step_`` with Python lists: torch.compile, tensor
+        subclasses, complex params (as real views)."""
+        grads = [p.grad for p in batch.params]
+        if any(map(_is_none, grads)):
+            return False
+        spec = RULES[self._rule]
+        roles = spec["roles"]
+        masks = [_role_mask(spec, self._hyper_row(g)) for g in self.param_groups]
+        mode = self._master_mode
+        master_key = _MASTER_KEYS.get(mode)
+        states, masters, steps = [], [], []
+        try:
+            for (gi, _), p, st in zip(batch.origin, batch.params, batch.states):
+                mask = masks[gi]
+                for k, key in enumerate(roles):
+                    if mask >> k & 1:
+                        t = st[key]
+                        states.append(torch.view_as_real(t) if t.is_complex() else t)
+                if mode and p.dtype in _HALF_TYPES:
+                    masters.append(st[master_key])
+                if spec["has_step"]:
+                    steps.append(st["step"])
+        except KeyError:
+            return False
+        cidx = batch.complex_idx
+        torch.ops.fusedopt.step_(
+            self._rule, real_views(batch.params, cidx), real_views(grads, cidx), states, masters, steps,
+            batch.group_sizes, hyper, lr_tensors, fresh, grad_scale, found_inf, clip=clip,
+            master_mode=mode, seed=seed, **sched)
+        return True
+
     # -- step --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -388,6 +567,20 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
+
+
+def _role_mask(spec: dict, row: dict) -> int:
+    """Bit k set: a group with these hyperparameters keeps the rule's state role k (the conditions
+    the C++ side evaluates, from fusedopt._C.RULES)."""
+    mask = 0
+    for k, use in enumerate(spec["role_uses"]):
+        if use is None:
+            on = True
+        else:
+            value = float(row[use[0]])
+            on = value != 0 if use[1] == "nonzero" else value > 0
+        mask |= int(on) << k
+    return mask
 
 
 def _states_intact(batch: _Batch) -> bool:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedopt.ops import SGD_COLUMNS
-from fusedopt._extension import require
-from fusedopt.optim._fused import FusedStepMixin, _Batch, _is_none, local_tensor, real_views
+from fusedopt.optim._fused import FusedStepMixin, _Batch, local_tensor
+from fusedopt.optim.adam import _PRECISION_DOC
 
 
 class SGD(FusedStepMixin, torch.optim.SGD):
@@ -18,20 +17,24 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         "as torch does; if GradScaler skips that step the buffer is dropped again, as torch\n"
         "would never have made it. On CUDA, learning whether such a step was skipped reads\n"
         "``found_inf`` (a host sync), only on a step that creates buffers, and such a step\n"
-        "cannot be captured in a CUDA graph (take one eager step first).\n\n" + (torch.optim.SGD.__doc__ or "")
+        "cannot be captured in a CUDA graph (take one eager step first).\n" + _PRECISION_DOC + "\n"
+        + (torch.optim.SGD.__doc__ or "")
     )
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float | Tensor = 0, nesterov: bool = False,
                  *, maximize: bool = False, foreach: bool | None = None,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, master_remainders: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused)
-        self._fused_init()
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
         # id(buffer) -> buffer for momentum buffers never written yet (kept alive so ids stay unique).
         self._fresh: dict[int, Tensor] = {}
 
+    _rule = "sgd"
     _sparse_hint = "torch.optim.SGD (foreach=False) steps sparse gradients"
 
     def __setstate__(self, state) -> None:
@@ -39,8 +42,11 @@ class SGD(FusedStepMixin, torch.optim.SGD):
         self._fresh = getattr(self, "_fresh", {})
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
-        # like torch, SGD without momentum keeps no state entry at all
-        return self.state[p] if group["momentum"] != 0 else {}
+        # like torch, SGD without momentum keeps no state entry at all (unless a master weight
+        # has to live somewhere)
+        if group["momentum"] != 0 or (self._master_mode and p.dtype in (torch.float16, torch.bfloat16)):
+            return self.state[p]
+        return {}
 
     def _structure(self, group):
         return group["momentum"] != 0
@@ -50,60 +56,41 @@ class SGD(FusedStepMixin, torch.optim.SGD):
 
     def _prepare_state(self, p: Tensor, group: dict, state: dict) -> None:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"] = self._new_state(p)
             buf = local_tensor(buf)  # what the op sees of a DTensor buffer
             self._fresh[id(buf)] = buf
-
-    _columns = SGD_COLUMNS
 
     def _hyper_row(self, group: dict) -> dict:
         return dict(momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
-    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None) -> bool:
-        hyper, lr_tensors, sched = self._group_args(batch.device)
+    def _fresh_params(self, batch: _Batch) -> list[int]:
         fresh: list[int] = []
-        fresh_bufs: list[Tensor] = []
         if self._fresh:
             for i, (s, has) in enumerate(zip(batch.states, batch.extra)):
                 buf = s.get("momentum_buffer") if has else None
                 if buf is not None and self._fresh.get(id(buf)) is buf:
                     fresh.append(i)
-                    fresh_bufs.append(buf)
         if fresh:
             _refuse_capture_of_fresh_buffers(batch.device)
-        if self._use_plan_entry(batch):
-            ran = require().sgd_plan_step(
-                batch.params, batch.states, batch.extra, batch.group_sizes, hyper, lr_tensors,
-                fresh, grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"), owners)
-            if not ran:
-                return False
-        else:
-            grads = [p.grad for p in batch.params]
-            if any(map(_is_none, grads)):
-                return False
-            cidx = batch.complex_idx
-            bufs = [s["momentum_buffer"] for s, has in zip(batch.states, batch.extra) if has]
-            if cidx:
-                bufs = [torch.view_as_real(t) if t.is_complex() else t for t in bufs]
-            torch.ops.fusedopt.sgd_(
-                real_views(batch.params, cidx), real_views(grads, cidx), bufs, batch.group_sizes,
-                hyper, lr_tensors, fresh, grad_scale, found_inf, **sched)
-        if fresh_bufs:
-            skipped = _skipped(found_inf)
-            for i, b in zip(fresh, fresh_bufs):
-                del self._fresh[id(b)]
-                if skipped:
-                    # torch creates no buffer on a skipped step: drop the ones made for this
-                    # one, so the state is torch's exactly and the next step makes them again
-                    state = batch.owner_states[i]
-                    del state["momentum_buffer"]
-                    if not state:
-                        self.state.pop(batch.owners[i], None)
+        return fresh
+
+    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf) -> None:
+        if not fresh:
+            return
+        skipped = _skipped(found_inf)
+        for i in fresh:
+            del self._fresh[id(batch.states[i]["momentum_buffer"])]
             if skipped:
-                self._plan = None
-        return True
+                # torch creates no buffer on a skipped step: drop the ones made for this
+                # one, so the state is torch's exactly and the next step makes them again
+                state = batch.owner_states[i]
+                del state["momentum_buffer"]
+                if not state:
+                    self.state.pop(batch.owners[i], None)
+        if skipped:
+            self._plan = None
 
 
 def _refuse_capture_of_fresh_buffers(device: torch.device) -> None:

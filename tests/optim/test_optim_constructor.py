@@ -34,7 +34,11 @@ def test_constructor_signature_matches_torch(name):
     sf = inspect.signature(fused_cls(name).__init__)
     rows_t = [(p.name, p.kind, p.default) for p in st.parameters.values()]
     rows_f = [(p.name, p.kind, p.default) for p in sf.parameters.values()]
-    assert rows_f == rows_t
+    # torch's signature exactly, then fusedopt's keyword-only precision options, whose defaults
+    # are torch's behaviour
+    kw = inspect.Parameter.KEYWORD_ONLY
+    assert rows_f == rows_t + [("master_weights", kw, False), ("master_remainders", kw, False),
+                               ("state_dtype", kw, None), ("stochastic_rounding", kw, False)]
 
 
 @pytest.mark.parametrize("name", OPT_NAMES)

@@ -48,7 +48,7 @@ struct CachedTable {
 
 class TableCache {
  public:
-  CachedTable& get(const StepTable& args, const HostTables& sizes, Rule rule, int64_t chunk_elems) {
+  CachedTable& get(const StepTable& args, const HostTables& sizes, int64_t chunk_elems) {
     const auto n = static_cast<size_t>(sizes.num_tensors + 1);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->counters.size() >= n && same_slots(it->slots, args.tensors)) {
@@ -56,7 +56,7 @@ class TableCache {
         return entries_.front();
       }
     }
-    HostTables full = pack_tables(args, rule, chunk_elems, /*cpu_lr_by_pointer=*/true);
+    HostTables full = pack_tables(args, chunk_elems, /*cpu_lr_by_pointer=*/true);
     if (full.tensors.empty()) full.tensors.resize(sizeof(DeviceChunk));
     entries_.push_front({args.tensors, std::move(full.tensors), std::vector<int32_t>(n, 0)});
     if (entries_.size() > 16) entries_.pop_back();
@@ -80,28 +80,28 @@ const float* scalar_ptr(const char* op, const char* what, const std::optional<at
   return t->data_ptr<float>();
 }
 
-void launch(const char* op, const StepArgs& args, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, Rule rule) {
+void launch(const char* op, const StepArgs& args) {
   const Config& cfg = config();
   if (args.tensors.empty() && args.schedule_step == nullptr) return;
   HostTables tables;
   CachedTable* cached = nullptr;
   try {
-    tables = pack_tables(args, rule, cfg.chunk_elems, /*cpu_lr_by_pointer=*/true,
+    tables = pack_tables(args, cfg.chunk_elems, /*cpu_lr_by_pointer=*/true,
                          /*tensor_bytes=*/false);
-    cached = &table_cache().get(args, tables, rule, cfg.chunk_elems);
+    cached = &table_cache().get(args, tables, cfg.chunk_elems);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, op, ": ", e.what());
   }
   // The "uploads": host memory is the device memory here (vector storage is 16-byte aligned).
   LaunchArgs la = make_launch_args(tables, args, tables.groups.data(), cached->bytes.data(),
                                    cached->counters.data());
-  la.grad_scale = scalar_ptr(op, "grad_scale", grad_scale);
-  la.found_inf = scalar_ptr(op, "found_inf", found_inf);
+  la.grad_scale = scalar_ptr(op, "grad_scale", args.grad_scale);
+  la.found_inf = scalar_ptr(op, "found_inf", args.found_inf);
+  if (args.clip.has_value()) la.clip = args.clip->data_ptr<float>();
   la.grid = launch_grid(tables, cfg.grid);
   la.block = static_cast<int32_t>(cfg.block);
   if (la.grid == 0) return;
-  const int err = rule == Rule::adam ? launch_adam(la, nullptr) : launch_sgd(la, nullptr);
+  const int err = launch_step(la, nullptr);
   TORCH_CHECK(err == 0, op, ": emulated launch failed with CUDA error ", err);
   ++config().launches;
 }
@@ -134,6 +134,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     EmulatedOps::sgd(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors, fresh_buffers,
                  grad_scale, found_inf, schedule_state, schedule);
   }, "fusedopt::sgd_ on CPU tensors through the emulated CUDA kernels");
+  m.def("step_", [](const std::string& rule, const Tensors& params, const Tensors& grads,
+                    const Tensors& states, const Tensors& masters, const Tensors& state_steps,
+                    const Ints& group_sizes, const at::Tensor& hyper, const Tensors& lr_tensors,
+                    const Ints& fresh, const Opt& grad_scale, const Opt& found_inf,
+                    const Tensors& schedule_state, const Opt& schedule, const Opt& clip,
+                    int64_t master_mode, int64_t seed) {
+    EmulatedOps::step(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
+                      lr_tensors, fresh, grad_scale, found_inf, schedule_state, schedule, clip,
+                      master_mode, seed);
+  }, "fusedopt::step_ on CPU tensors through the emulated CUDA kernels");
   m.def("configure", [](int64_t grid, int64_t block, int64_t chunk_elems, bool concurrent,
                         uint64_t seed) {
     if (grid < 1 || block < 1 || block > kMaxBlock || chunk_elems < 8 || chunk_elems % 8 != 0) {
@@ -154,17 +164,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // with the cached ones, the way now), in microseconds.
     fusedopt::StepTable t;
     t.num_groups = 1;
-    t.num_cols = fusedopt::adam_col::count;
+    t.num_cols = fusedopt::AdamRule::count;
     t.hyper.assign(static_cast<size_t>(t.num_cols), 0.0);
     std::vector<float> dummy(16);
     for (const int64_t n : numels) {
       fusedopt::TensorSlot s;
-      s.param = s.grad = s.state0 = s.state1 = dummy.data();
+      s.param = s.grad = s.state[0] = s.state[1] = dummy.data();
       s.step = dummy.data();
       s.numel = n;
       t.tensors.push_back(s);
     }
-    const HostTables cached = pack_tables(t, Rule::adam);
+    const HostTables cached = pack_tables(t);
     const std::vector<fusedopt::TensorSlot> cached_slots = t.tensors;
     auto time_us = [&](auto&& step) {
       const auto start = std::chrono::steady_clock::now();
@@ -174,7 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       if (hits != static_cast<size_t>(repeats)) throw std::runtime_error("table lookup missed");
       return us / static_cast<double>(repeats);
     };
-    const double by_bytes = time_us([&] { return pack_tables(t, Rule::adam).tensors == cached.tensors; });
+    const double by_bytes = time_us([&] { return pack_tables(t).tensors == cached.tensors; });
     const double by_slots = time_us([&] { return same_slots(cached_slots, t.tensors); });
     return std::make_pair(by_bytes, by_slots);
   });
