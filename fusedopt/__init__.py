@@ -7,7 +7,7 @@ The optimizers raise the same explanation when they are used without it.
 __version__ = "0.1.0"
 
 from fusedopt._extension import extension_available, extension_error  # noqa: F401
-from fusedopt.optim import SGD, Adam, AdamW  # noqa: F401
+from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Lion, RMSprop  # noqa: F401
 from fusedopt import lr_scheduler  # noqa: F401
 
-__all__ = ["SGD", "Adam", "AdamW", "lr_scheduler", "extension_available", "extension_error", "__version__"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "lr_scheduler", "extension_available", "extension_error", "__version__"]
