@@ -159,7 +159,8 @@ class FusedStepMixin:
     _rule: str
 
     def _fused_init(self, master_weights: bool = False, master_remainders: bool = False,
-                    state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                    state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                    max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         name = type(self).__name__
         if any(g.get("differentiable") for g in self.param_groups):
             raise RuntimeError(f"fusedopt.{name} does not support `differentiable`")
@@ -178,6 +179,10 @@ class FusedStepMixin:
                              "master; with master_weights=True the float32 master already keeps small updates")
         self._precision = dict(master_weights=master_weights, master_remainders=master_remainders,
                                state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm_type = grad_norm_type
+        _check_clip_options(name, max_grad_norm, grad_norm_type)
+        self.grad_norm: Tensor | None = None
         for group in self.param_groups:
             self._check_precision_params(group)
         self._plan: _Plan | None = None
@@ -257,6 +262,8 @@ class FusedStepMixin:
     def __getstate__(self):
         state = super().__getstate__()
         state["_precision"] = self._precision
+        state["max_grad_norm"] = self.max_grad_norm
+        state["grad_norm_type"] = self.grad_norm_type
         return state
 
     def _attach_kernel_schedule(self, schedule) -> None:
@@ -294,6 +301,9 @@ class FusedStepMixin:
         self._kernel_schedule = getattr(self, "_kernel_schedule", None)
         self._precision = getattr(self, "_precision", None) or dict(
             master_weights=False, master_remainders=False, state_dtype=None, stochastic_rounding=False)
+        self.max_grad_norm = getattr(self, "max_grad_norm", None)
+        self.grad_norm_type = getattr(self, "grad_norm_type", 2.0)
+        self.grad_norm = getattr(self, "grad_norm", None)
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         """The state dict a param's step uses (accessing self.state[p] creates the entry)."""
@@ -395,6 +405,46 @@ class FusedStepMixin:
             plan = self._plan = self._build_plan(signature)
         return plan
 
+    def _clip_grads(self, plan: _Plan, grad_scale) -> dict | None | bool:
+        """With ``max_grad_norm``: the total norm of every grad the step reads (unscaled when a
+        GradScaler drives the step), one fused reduction per device, and per device the
+        [norm, clip coefficient] the kernel scales the grads by as it reads them. Nothing is synced
+        to the host; ``self.grad_norm`` is the norm as a 0-dim tensor. False: a grad is missing
+        (the plan is stale)."""
+        max_norm = self.max_grad_norm
+        if max_norm is None:
+            return None
+        _check_clip_options(type(self).__name__, max_norm, self.grad_norm_type)
+        norm_type = float(self.grad_norm_type)
+        outs: dict[torch.device, Tensor] = {}
+        for batch in plan.batches:
+            if batch.dtensor:
+                raise RuntimeError(
+                    f"fusedopt.{type(self).__name__}: max_grad_norm is not supported with DTensor params "
+                    "(FSDP2, tensor parallel) yet: the norm would cover this rank's shards only; call "
+                    "torch.nn.utils.clip_grad_norm_ before step() instead")
+            grads = [p.grad for p in batch.params]
+            if any(map(_is_none, grads)):
+                return False
+            grads = real_views(grads, batch.complex_idx)
+            out = torch.empty(2, dtype=torch.float32, device=batch.device)
+            torch.ops.fusedopt.grad_norm_(grads, norm_type, float(max_norm), out,
+                                          on_device(grad_scale, batch.device))
+            outs[batch.device] = out
+        if not outs:
+            return None
+        if len(outs) == 1:
+            out = next(iter(outs.values()))
+            self.grad_norm = out[0]
+            return outs
+        # several devices: one norm over all of them, combined as torch combines per-device norms
+        first = next(iter(outs))
+        total = torch.linalg.vector_norm(torch.stack([o[0].to(first) for o in outs.values()]), norm_type)
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        both = torch.stack([total, coef])
+        self.grad_norm = total
+        return {dev: both.to(dev) for dev in outs}
+
     def _launch_dtensor(self, batch: _Batch, grad_scale, found_inf) -> bool:
         """The step of a DTensor batch. The fast entry reads each local grad from its DTensor in
         C++; when it cannot (a grad laid out by another spec object, a replaced shard: it changes
@@ -463,7 +513,7 @@ class FusedStepMixin:
         """Params of the batch whose state was never written (SGD's new momentum buffers)."""
         return []
 
-    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf) -> None:
+    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf, clip) -> None:
         """Bookkeeping after a step that ran (SGD's fresh buffers)."""
 
     def _rounding_seed(self, device: torch.device) -> int:
@@ -479,13 +529,13 @@ class FusedStepMixin:
                 "with the same bits every step (optimizers that count steps, like Adam, mix the step in)")
         return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
-    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None) -> bool:
+    def _launch(self, batch: _Batch, grad_scale, found_inf, owners=None, clip=None) -> bool:
         """One op call for a batch. False, having changed nothing: a param lost its grad or a state
-        entry since the plan was built."""
+        entry since the plan was built. ``clip``: the [grad norm, clip coefficient] of the step on
+        the batch's device (``max_grad_norm``), or None."""
         hyper, lr_tensors, sched = self._group_args(batch.device)
         fresh = self._fresh_params(batch)
         seed = self._rounding_seed(batch.device)
-        clip = None
         if self._use_plan_entry(batch):
             ran = require().plan_step(
                 self._rule, batch.params, batch.states, batch.group_sizes, hyper, lr_tensors, fresh,
@@ -494,7 +544,7 @@ class FusedStepMixin:
         else:
             ran = self._launch_op(batch, hyper, lr_tensors, sched, fresh, grad_scale, found_inf, clip, seed)
         if ran:
-            self._after_launch(batch, fresh, found_inf)
+            self._after_launch(batch, fresh, found_inf, clip)
         return ran
 
     def _launch_op(self, batch: _Batch, hyper, lr_tensors, sched, fresh, grad_scale, found_inf, clip,
@@ -548,6 +598,10 @@ class FusedStepMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         plan = self._current_plan()
+        clips = self._clip_grads(plan, grad_scale)
+        if clips is False:  # a param lost its grad since the plan was built
+            plan = self._plan = self._build_plan(self._signature())
+            clips = self._clip_grads(plan, grad_scale)
         done: set[torch.device] = set()
         for _ in range(2):
             stale = False
@@ -555,8 +609,12 @@ class FusedStepMixin:
                 if batch.device in done:
                     continue
                 gs, fi = on_device(grad_scale, batch.device), on_device(found_inf, batch.device)
+                clip = clips.get(batch.device) if clips else None
                 try:
-                    ran = self._launch_dtensor(batch, gs, fi) if batch.dtensor else self._launch(batch, gs, fi)
+                    if batch.dtensor:
+                        ran = self._launch_dtensor(batch, gs, fi)
+                    else:
+                        ran = self._launch(batch, gs, fi, clip=clip)
                 except (RuntimeError, TypeError, ValueError) as e:
                     raise _locate(e, batch) from None
                 if not ran:  # a param lost its grad or a state entry since the plan was built
@@ -567,6 +625,14 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
+
+
+def _check_clip_options(name: str, max_grad_norm, grad_norm_type) -> None:
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"fusedopt.{name}: max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
+    if not (isinstance(grad_norm_type, (int, float)) and grad_norm_type > 0):
+        raise ValueError(f"fusedopt.{name}: grad_norm_type must be a positive number or inf (2.0: the "
+                         f"L2 norm), got {grad_norm_type!r}")
 
 
 def _role_mask(spec: dict, row: dict) -> int:

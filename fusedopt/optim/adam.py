@@ -88,11 +88,13 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  master_weights: bool = False, master_remainders: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)
 
 
 class AdamW(_FusedAdamStep, torch.optim.AdamW):
@@ -108,8 +110,10 @@ class AdamW(_FusedAdamStep, torch.optim.AdamW):
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  master_weights: bool = False, master_remainders: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)

@@ -41,7 +41,8 @@ class Lion(FusedStepMixin, torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, master_weights: bool = False,
                  master_remainders: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -55,7 +56,8 @@ class Lion(FusedStepMixin, torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

@@ -25,10 +25,12 @@ class RMSprop(FusedStepMixin, torch.optim.RMSprop):
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, master_weights: bool = False,
                  master_remainders: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
                          foreach, maximize, differentiable)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)
 
     def _structure(self, group):
         return (group["momentum"] > 0, bool(group["centered"]))
@@ -64,10 +66,12 @@ class Adagrad(FusedStepMixin, torch.optim.Adagrad):
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
                  fused: bool | None = None, master_weights: bool = False,
                  master_remainders: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
                          maximize=maximize, differentiable=differentiable, fused=fused)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)
 
     def _structure(self, group):
         return None

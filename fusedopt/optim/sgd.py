@@ -26,11 +26,13 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                  *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None,
                  master_weights: bool = False, master_remainders: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 max_grad_norm: float | None = None, grad_norm_type: float = 2.0) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused)
-        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding)
+        self._fused_init(master_weights, master_remainders, state_dtype, stochastic_rounding,
+                         max_grad_norm, grad_norm_type)
         # id(buffer) -> buffer for momentum buffers never written yet (kept alive so ids stay unique).
         self._fresh: dict[int, Tensor] = {}
 
@@ -76,10 +78,10 @@ class SGD(FusedStepMixin, torch.optim.SGD):
             _refuse_capture_of_fresh_buffers(batch.device)
         return fresh
 
-    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf) -> None:
+    def _after_launch(self, batch: _Batch, fresh: list[int], found_inf, clip) -> None:
         if not fresh:
             return
-        skipped = _skipped(found_inf)
+        skipped = _skipped(found_inf, clip)
         for i in fresh:
             del self._fresh[id(batch.states[i]["momentum_buffer"])]
             if skipped:
@@ -105,8 +107,9 @@ def _refuse_capture_of_fresh_buffers(device: torch.device) -> None:
         )
 
 
-def _skipped(found_inf: Tensor | None) -> bool:
-    # (never reached while capturing: _refuse_capture_of_fresh_buffers raised before the step)
-    if found_inf is None:
-        return False
-    return bool(found_inf.item() != 0)
+def _skipped(found_inf: Tensor | None, clip: Tensor | None) -> bool:
+    """Whether the step skipped: GradScaler found an inf, or the clip's grad norm is not finite.
+    (Never reached while capturing: _refuse_capture_of_fresh_buffers raised before the step.)"""
+    if found_inf is not None and found_inf.item() != 0:
+        return True
+    return clip is not None and not bool(torch.isfinite(clip[0]))

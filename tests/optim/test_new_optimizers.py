@@ -469,7 +469,7 @@ def test_constructor_signature_matches_torch(name):
     K = inspect.Parameter.KEYWORD_ONLY
     assert _sig_rows(fused_cls(name)) == _sig_rows(getattr(torch.optim, name)) + [
         ("master_weights", K, False), ("master_remainders", K, False), ("state_dtype", K, None),
-        ("stochastic_rounding", K, False)]
+        ("stochastic_rounding", K, False), ("max_grad_norm", K, None), ("grad_norm_type", K, 2.0)]
 
 
 def test_lion_signature():

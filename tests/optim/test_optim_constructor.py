@@ -38,7 +38,8 @@ def test_constructor_signature_matches_torch(name):
     # are torch's behaviour
     kw = inspect.Parameter.KEYWORD_ONLY
     assert rows_f == rows_t + [("master_weights", kw, False), ("master_remainders", kw, False),
-                               ("state_dtype", kw, None), ("stochastic_rounding", kw, False)]
+                               ("state_dtype", kw, None), ("stochastic_rounding", kw, False),
+                               ("max_grad_norm", kw, None), ("grad_norm_type", kw, 2.0)]
 
 
 @pytest.mark.parametrize("name", OPT_NAMES)
