@@ -125,6 +125,8 @@ def extensions_and_cmdclass():
         f"{CSRC}/step_args.cpp",
         f"{CSRC}/work_list.cpp",
         f"{CSRC}/cpu/fused_step_cpu.cpp",
+        f"{CSRC}/grad_norm_args.cpp",
+        f"{CSRC}/cpu/grad_norm_cpu.cpp",
     ]
     kwargs = dict(
         name="fusedopt._C",
