@@ -138,7 +138,8 @@ def extensions_and_cmdclass():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
         sources += [f"{CSRC}/cuda/fused_step_cuda.cpp", f"{CSRC}/cuda/host_tables.cpp",
-                    f"{CSRC}/cuda/table_cache.cpp",
+                    f"{CSRC}/cuda/table_cache.cpp", f"{CSRC}/cuda/grad_norm_cuda.cpp",
+                    f"{CSRC}/cuda/norm_tables.cpp", f"{CSRC}/cuda/grad_norm_kernels.cu",
                     f"{CSRC}/cuda/fused_step_kernels.cu"]
         define_macros.append(("FUSEDOPT_WITH_CUDA", None))
         ext = CUDAExtension(

@@ -420,3 +420,88 @@ def test_cuda_norm_syncs_nothing_and_captures_in_a_graph():
     graph.replay()
     expected = torch.nn.utils.get_total_norm(grads)
     torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernel, run on CPU threads (tests/emulated_cuda.py): launch geometries, block orders
+
+
+# (grid, block, chunk_elems): one thread; one block; odd sizes; more blocks than chunks
+GEOMETRIES = [(1, 1, 64), (1, 32, 8), (3, 7, 16), (20, 96, 64), (8, 33, 24), (64, 2, 8)]
+
+
+def _emul_geometries():
+    for grid, block, chunk in GEOMETRIES:
+        for concurrent, seed in ((True, 0), (False, 5)):
+            order = "concurrent" if concurrent else f"serial{seed}"
+            yield pytest.param((grid, block, chunk), id=f"emul-g{grid}-b{block}-c{chunk}-{order}",
+                               marks=pytest.mark.emulated_cuda(grid=grid, block=block, chunk_elems=chunk,
+                                                               concurrent=concurrent, seed=seed))
+
+
+def _misaligned(n, dtype, g):
+    """A tensor one element past an aligned allocation (CPU allocations are 64-byte aligned), so
+    not 16-byte aligned: the kernel's scalar path."""
+    base = torch.empty(n + 1, dtype=dtype)
+    assert base.data_ptr() % 16 == 0
+    return base[1:].copy_(torch.randn(n, generator=g, dtype=torch.float64).to(dtype))
+
+
+@pytest.mark.parametrize("geometry", list(_emul_geometries()))
+@pytest.mark.parametrize("norm_type", [2.0, INF, 3.0])
+def test_emulated_kernel_geometries(geometry, norm_type, emulated_cuda_module):
+    g = torch.Generator().manual_seed(19)
+    grads = [torch.randn(s, generator=g, dtype=torch.float64).to(dt)
+             for s, dt in [((130,), torch.float32), ((0,), torch.float32), ((3, 41), torch.bfloat16),
+                           ((), torch.float16), ((257,), torch.float64), ((64,), torch.float16)]]
+    grads += [_misaligned(37, torch.float32, g), _misaligned(50, torch.bfloat16, g)]
+    exact = float(torch.linalg.vector_norm(torch.cat([x.double().flatten() for x in grads]), norm_type))
+    launches = emulated_cuda_module.launches()
+    outs = []
+    for _ in range(3):  # the completion counter returns to zero: every call is right
+        out = torch.empty(2, dtype=torch.float64)
+        torch.ops.fusedopt.grad_norm_(grads, norm_type, 0.5, out)
+        outs.append(out)
+    assert emulated_cuda_module.launches() == launches + 3
+    assert math.isclose(float(outs[0][0]), exact, rel_tol=1e-13)
+    assert float(outs[0][1]) == min(0.5 / (float(outs[0][0]) + 1e-6), 1.0) or math.isclose(
+        float(outs[0][1]), 0.5 / (float(outs[0][0]) + 1e-6), rel_tol=1e-15)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
+@pytest.mark.parametrize("grid", [1, 3, 17, 64])
+def test_emulated_norm_does_not_depend_on_grid_or_block_order(grid, emulated_cuda_module):
+    """Per-chunk partials reduced in an order fixed by the chunk index and the block size: the bits
+    are the same for every grid and every order in which blocks run."""
+    import emulated_cuda
+
+    g = torch.Generator().manual_seed(20)
+    grads = [torch.randn(n, generator=g) for n in (1000, 33, 4096, 7)]
+    results = []
+    for concurrent, seed in ((True, 0), (False, 1), (False, 99)):
+        with emulated_cuda.emulated(emulated_cuda_module, grid=grid, block=8, chunk_elems=16,
+                                    concurrent=concurrent, seed=seed):
+            out = torch.empty(2)
+            torch.ops.fusedopt.grad_norm_(grads, 2.0, 1.0, out)
+            results.append(out)
+    with emulated_cuda.emulated(emulated_cuda_module, grid=1, block=8, chunk_elems=16):
+        reference = torch.empty(2)
+        torch.ops.fusedopt.grad_norm_(grads, 2.0, 1.0, reference)
+    for r in results:
+        assert torch.equal(r, reference)
+
+
+@pytest.mark.emulated_cuda(grid=16, block=32, chunk_elems=64)
+def test_emulated_10000_tensors(emulated_cuda_module):
+    g = torch.Generator().manual_seed(21)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in torch.randint(0, 90, (10_000,), generator=g).tolist()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    ref = clone_params(params)
+    launches = emulated_cuda_module.launches()
+    total = fusedopt.clip_grad_norm_(params, 1.0)
+    assert emulated_cuda_module.launches() == launches + 1
+    expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert_close_rel(total, expected, 4e-6)
+    grads_close(params, ref, 4e-6)
