@@ -13,7 +13,9 @@ What it computes, and where it differs from torch:
   coefficient is computed from it exactly as torch computes it, so the grads are scaled by the
   same factor whenever the norms agree.
 - No host synchronisation unless ``error_if_nonfinite=True`` (which needs one, as in torch). On
-  CUDA the norm is one kernel launch, capturable in a CUDA graph.
+  CUDA the norm is one kernel launch, capturable in a CUDA graph. On the CPU, where reading the
+  coefficient costs nothing, a coefficient of exactly 1 (norm below max_norm) skips the multiply,
+  which would leave the grads bit for bit unchanged anyway (not under torch.compile).
 - Orders: ``norm_type`` 2, ``inf``, 1 and any other finite ``p > 0`` are fused. Orders torch also
   accepts but the op does not (``0``, negative ones, ``-inf``), grads that are not plain dense
   float32/float64/float16/bfloat16 tensors (sparse, complex, tensor subclasses such as DTensor),
@@ -148,6 +150,11 @@ def clip_grad_norm_(
         raise RuntimeError(_NONFINITE_MESSAGE.format(norm_type))
 
     for device, device_grads in by_device.items():
+        if device.type == "cpu" and not torch.compiler.is_compiling() and float(clip_coef) == 1.0:
+            # On the CPU reading the coefficient costs no synchronisation, and multiplying by
+            # exactly 1 would leave every grad bit for bit as it is (a NaN or infinite norm gives
+            # NaN or 0): the common unclipped step skips a pass over all grads.
+            continue
         coef = clip_coef.to(device)
         if foreach is False:
             for g in device_grads:
