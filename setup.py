@@ -125,6 +125,8 @@ def extensions_and_cmdclass():
         f"{CSRC}/step_args.cpp",
         f"{CSRC}/work_list.cpp",
         f"{CSRC}/cpu/fused_step_cpu.cpp",
+        f"{CSRC}/grad_norm_args.cpp",
+        f"{CSRC}/cpu/grad_norm_cpu.cpp",
     ]
     kwargs = dict(
         name="fusedopt._C",
@@ -136,6 +138,8 @@ def extensions_and_cmdclass():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
         sources += [f"{CSRC}/cuda/fused_step_cuda.cpp", f"{CSRC}/cuda/host_tables.cpp",
+                    f"{CSRC}/cuda/table_cache.cpp", f"{CSRC}/cuda/grad_norm_cuda.cpp",
+                    f"{CSRC}/cuda/norm_tables.cpp", f"{CSRC}/cuda/grad_norm_kernels.cu",
                     f"{CSRC}/cuda/fused_step_kernels.cu"]
         define_macros.append(("FUSEDOPT_WITH_CUDA", None))
         ext = CUDAExtension(

@@ -43,6 +43,15 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor[] lr_tensors, int[] fresh, Tensor? grad_scale=None, Tensor? found_inf=None, *, "
       "Tensor(f!)[] schedule_state, Tensor? schedule=None, Tensor? clip=None, int master_mode=0, "
       "int seed=-1) -> ()");
+  // The total norm of all grads (one device, any mix of float32/64, float16, bfloat16), in one
+  // fused reduction: out (float32, or float64, 2 elements, on that device) receives the norm of
+  // order norm_type (a positive number or inf) and the clip coefficient torch's clip_grad_norm_
+  // uses, min(max_norm / (norm + 1e-6), 1), computed in out's dtype. With grad_scale the norm is
+  // that of the unscaled grads (grad * float32(1 / grad_scale), as GradScaler.unscale_ stores
+  // them); the grads are only read.
+  m.def(
+      "grad_norm_(Tensor[] grads, float norm_type, float max_norm, Tensor(a!) out, "
+      "Tensor? grad_scale=None) -> ()");
 }
 
 }  // namespace fusedopt

@@ -1,4 +1,4 @@
-"""The fused ops (``torch.ops.fusedopt.adam_`` / ``sgd_``), their fake implementations, and the
+"""The fused ops (``torch.ops.fusedopt.adam_`` / ``sgd_`` / ``grad_norm_``), their fake implementations, and the
 functional forms ``fusedopt.ops.adam`` / ``fusedopt.ops.sgd`` in the style of
 ``torch.optim.adam.adam``: one param group, lists of tensors, one op call per device.
 
@@ -41,6 +41,11 @@ if extension_available():
     def _step_fake(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
                    lr_tensors, fresh, grad_scale=None, found_inf=None, *, schedule_state,
                    schedule=None, clip=None, master_mode=0, seed=-1) -> None:
+        return None
+
+    # grad_norm_ only writes its `out` argument in place.
+    @torch.library.register_fake("fusedopt::grad_norm_")
+    def _grad_norm_fake(grads, norm_type, max_norm, out, grad_scale=None) -> None:
         return None
 else:
     RULES = {}

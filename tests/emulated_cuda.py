@@ -2,7 +2,8 @@
 compiled as host C++ against csrc/cuda/emulation/cuda_shim.h and run on CPU threads, so that
 machines without a GPU (CI) execute them.
 
-``emulated(...)`` is a context manager that routes ``torch.ops.fusedopt.step_`` / ``adam_`` / ``sgd_`` on CPU
+``emulated(...)`` is a context manager that routes ``torch.ops.fusedopt.step_`` / ``adam_`` / ``sgd_`` /
+``grad_norm_`` (csrc/cuda/grad_norm_kernels.cu) on CPU
 tensors through the emulated kernels: the optimizer classes, the eager plan entry and the shared
 validation all run as they do for CUDA tensors, and only the GPU is replaced. The backend is built
 on first use with torch's JIT extension loader (about two minutes), into ``build/emulated_cuda``.
@@ -67,7 +68,9 @@ def build(kernel_source: str | os.PathLike | None = None, build_dir: str | os.Pa
     return load(
         name=MODULE_NAME,
         sources=[str(EMULATION / "emulated_backend.cpp"), str(kernels),
-                 str(CSRC / "cuda" / "host_tables.cpp"), str(CSRC / "step_args.cpp")],
+                 str(EMULATION / "emulated_norm_kernels.cpp"),
+                 str(CSRC / "cuda" / "host_tables.cpp"), str(CSRC / "cuda" / "norm_tables.cpp"),
+                 str(CSRC / "step_args.cpp"), str(CSRC / "grad_norm_args.cpp")],
         # the half-type switches torch's CUDA builds give nvcc, so the kernels see the same API
         extra_cflags=["-std=c++20", "-O2", "-Wno-unknown-pragmas", "-D__CUDA_NO_HALF_OPERATORS__",
                       "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -110,9 +113,13 @@ def emulated(module, *, grid: int = 3, block: int = 16, chunk_elems: int = 64,
                          lr_tensors, fresh, grad_scale, found_inf, schedule_state, schedule, clip,
                          master_mode, seed)
 
+        def grad_norm_(grads, norm_type, max_norm, out, grad_scale=None):
+            module.grad_norm_(grads, norm_type, max_norm, out, grad_scale)
+
         lib.impl("adam_", adam_, "CPU")
         lib.impl("sgd_", sgd_, "CPU")
         lib.impl("step_", step_, "CPU")
+        lib.impl("grad_norm_", grad_norm_, "CPU")
         yield module
     finally:
         lib._destroy()

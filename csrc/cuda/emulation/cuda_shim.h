@@ -8,6 +8,7 @@
 //   - one CPU thread per CUDA thread (from a pool of persistent workers), a std::barrier per
 //     block for __syncthreads, from which a returning thread drops out (as exited threads do on
 //     the GPU);
+//   - per-block shared memory, for kernels that declare it through block_shared<T>();
 //   - __threadfence as a seq_cst fence (the kernels' atomics are libcu++'s cuda::atomic_ref,
 //     which runs on the host as std::atomic_ref does);
 //   - launch(kernel, grid, block, args): blocks all at once, or one at a time in a shuffled
@@ -26,6 +27,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -43,9 +45,21 @@ struct ThreadIndex {
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
   std::barrier<>* barrier = nullptr;
+  void* shared = nullptr;  // the block's shared memory (kSharedBytes)
 };
 
+// Shared memory per block (block_shared<T>() below).
+constexpr size_t kSharedBytes = 48 * 1024;
+
 inline thread_local ThreadIndex current;
+
+// The calling block's shared memory. A kernel declares its shared variables as one struct through
+// block_shared<T>() (see FUSEDOPT_BLOCK_SHARED in ../grad_norm_kernels.cu).
+template <typename T>
+T* block_shared() {
+  static_assert(sizeof(T) <= kSharedBytes, "more shared memory than a block has");
+  return static_cast<T*>(current.shared);
+}
 
 // How blocks run. concurrent: every thread of every block at once (the OS interleaves them);
 // serial: one block after another, in an order shuffled by `seed` (0: launch order).
@@ -119,7 +133,11 @@ int launch(Kernel kernel, int grid, int block, const Args& args) {
   const size_t together = how.concurrent ? order.size() : 1;
   for (size_t first = 0; first < order.size(); first += together) {
     std::vector<std::unique_ptr<std::barrier<>>> barriers;
-    for (size_t k = 0; k < together; ++k) barriers.push_back(std::make_unique<std::barrier<>>(block));
+    std::vector<std::unique_ptr<std::max_align_t[]>> shared;
+    for (size_t k = 0; k < together; ++k) {
+      barriers.push_back(std::make_unique<std::barrier<>>(block));
+      shared.push_back(std::make_unique<std::max_align_t[]>(kSharedBytes / sizeof(std::max_align_t)));
+    }
     pool().run(together * static_cast<size_t>(block), [&](size_t i) {
       const size_t k = i / static_cast<size_t>(block);
       current.thread = uint3{static_cast<unsigned>(i % static_cast<size_t>(block)), 0, 0};
@@ -127,6 +145,7 @@ int launch(Kernel kernel, int grid, int block, const Args& args) {
       current.block_dim = dim3(static_cast<unsigned>(block));
       current.grid_dim = dim3(static_cast<unsigned>(grid));
       current.barrier = barriers[k].get();
+      current.shared = shared[k].get();
       kernel(args);
       current.barrier->arrive_and_drop();
     });

@@ -1,4 +1,5 @@
-// The emulated CUDA backend, for tests: the CUDA implementation of the fused ops with the GPU
+// The emulated CUDA backend, for tests: the CUDA implementation of the fused ops (and of grad_norm_,
+// through ../grad_norm_kernels.cu and the shared ../norm_tables.cpp) with the GPU
 // replaced by CPU threads. It validates through the shared step_args, packs the tables with the
 // shared host_tables (what the real glue uploads), and runs the unchanged kernels of
 // ../fused_step_kernels.cu (compiled by emulated_kernels.cpp). Every "device" pointer is host
@@ -8,16 +9,20 @@
 // Built on demand by tests/emulated_cuda.py, never shipped in fusedopt._C.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <chrono>
+#include <limits>
 #include <list>
 #include <stdexcept>
 #include <vector>
 
+#include "../../grad_norm_args.h"
 #include "../../step_args.h"
 #include "../../update_rules.h"
 #include "../device_tables.h"
 #include "../host_tables.h"
 #include "../kernel_ops.h"
+#include "../norm_tables.h"
 #include "cuda_shim.h"
 
 namespace fusedopt {
@@ -108,6 +113,54 @@ void launch(const char* op, const StepArgs& args) {
 
 using EmulatedOps = KernelOps<launch>;
 
+// fusedopt::grad_norm_ through the emulated kernel (../grad_norm_kernels.cu). Each distinct table
+// keeps its completion counter across calls, as the real glue's cached upload does, so a kernel
+// that leaves the counter nonzero is caught (here, and by the next call's result).
+struct NormCounter {
+  std::vector<uint8_t> bytes;
+  int32_t counter = 0;
+};
+
+std::list<NormCounter>& norm_counters() {
+  static std::list<NormCounter> c;
+  return c;
+}
+
+void grad_norm(const std::vector<at::Tensor>& grads, double norm_type, double max_norm,
+               const at::Tensor& out, const std::optional<at::Tensor>& grad_scale) {
+  const char* op = "fusedopt::grad_norm_";
+  NormArgs a = collect_norm_args(op, grads, norm_type, max_norm, out, grad_scale);
+  // Host memory is the device memory here: a float32 grad_scale is read by the kernel itself.
+  if (grad_scale.has_value() && grad_scale->scalar_type() == at::kFloat) {
+    a.scale_ptr = grad_scale->data_ptr<float>();
+  }
+  NormHostTable table;
+  try {
+    table = pack_norm_table(a, config().chunk_elems);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+  auto& counters = norm_counters();
+  auto it = std::find_if(counters.begin(), counters.end(),
+                         [&](const NormCounter& c) { return c.bytes == table.bytes; });
+  if (it == counters.end()) {
+    counters.push_front({table.bytes, 0});
+    if (counters.size() > 16) counters.pop_back();
+    it = counters.begin();
+  }
+  // A partial the kernel failed to write shows as a NaN norm.
+  std::vector<double> partials(static_cast<size_t>(std::max<int64_t>(table.num_chunks, 1)),
+                               std::numeric_limits<double>::quiet_NaN());
+  NormLaunchArgs la = make_norm_launch_args(table, a, it->bytes.data(), &it->counter, partials.data());
+  la.grid = norm_launch_grid(table, config().grid);
+  la.block = static_cast<int32_t>(config().block);
+  const int err = launch_grad_norm(la, nullptr);
+  TORCH_CHECK(err == 0, op, ": emulated launch failed with CUDA error ", err);
+  TORCH_CHECK(it->counter == 0, op, ": the emulated kernel left its completion counter at ",
+              it->counter);
+  ++config().launches;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fusedopt
@@ -144,6 +197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       lr_tensors, fresh, grad_scale, found_inf, schedule_state, schedule, clip,
                       master_mode, seed);
   }, "fusedopt::step_ on CPU tensors through the emulated CUDA kernels");
+  m.def("grad_norm_", &grad_norm, "fusedopt::grad_norm_ on CPU tensors through the emulated CUDA kernel");
   m.def("configure", [](int64_t grid, int64_t block, int64_t chunk_elems, bool concurrent,
                         uint64_t seed) {
     if (grid < 1 || block < 1 || block > kMaxBlock || chunk_elems < 8 || chunk_elems % 8 != 0) {
@@ -155,6 +209,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     config().chunk_elems = chunk_elems;
     fusedopt_emulation::schedule() = {concurrent, seed};
     table_cache().clear();
+    norm_counters().clear();
   }, py::arg("grid"), py::arg("block"), py::arg("chunk_elems"), py::arg("concurrent"),
      py::arg("seed"));
   m.def("launches", [] { return config().launches; }, "Kernel launches so far.");

@@ -1,0 +1,259 @@
+// CPU implementation of fusedopt::grad_norm_: the total norm of every gradient in one parallel
+// region over the shared work list (work_list.h), accumulated in float64.
+//
+// Deterministic: each chunk of the work list reduces its elements in a fixed order into its own
+// slot of a vector indexed by chunk, and the slots are combined serially in chunk order. The chunks
+// do not depend on the thread count, so neither does any bit of the result.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#if defined(FUSEDOPT_CPU_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "../grad_norm_args.h"
+#include "../work_list.h"
+
+namespace fusedopt {
+namespace {
+
+// Elements per chunk (the unit of the per-chunk partials), and the size below which the reduction
+// stays on the calling thread.
+constexpr int64_t kNormChunk = 1 << 16;
+constexpr int64_t kMinParallelElems = 1 << 15;
+
+// One element as the norm sees it, in float64: the gradient value, or with a grad scale the
+// unscaled value GradScaler.unscale_ would store (the product in float, or double for float64
+// grads, rounded to the grad's dtype).
+template <typename T>
+inline double load_elem(const T* p, int64_t i, bool scaled, float inv) {
+  if constexpr (std::is_same_v<T, double>) {
+    return scaled ? p[i] * static_cast<double>(inv) : p[i];
+  } else {
+    const float x = static_cast<float>(p[i]);
+    return static_cast<double>(scaled ? static_cast<float>(static_cast<T>(x * inv)) : x);
+  }
+}
+
+template <typename T>
+double chunk_scalar(const T* p, int64_t begin, int64_t end, NormKind kind, double np, bool scaled,
+                    float inv) {
+  // Four interleaved accumulators, combined in a fixed order.
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      acc[k] = norm_combine(kind, acc[k], norm_term(kind, np, load_elem(p, i + k, scaled, inv)));
+    }
+  }
+  for (; i < end; ++i) acc[0] = norm_combine(kind, acc[0], norm_term(kind, np, load_elem(p, i, scaled, inv)));
+  return norm_combine(kind, norm_combine(kind, acc[0], acc[1]), norm_combine(kind, acc[2], acc[3]));
+}
+
+#if defined(FUSEDOPT_CPU_AVX2)
+using VecF = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
+
+// 16 consecutive elements of T as two float vectors (float, half and bfloat16 grads), unscaled and
+// rounded back to T as GradScaler would store them.
+template <typename T>
+inline void load16(const T* p, bool scaled, const VecF& inv, VecF& a, VecF& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = VecF::loadu(p);
+    b = VecF::loadu(p + 8);
+    if (scaled) {
+      a = a * inv;
+      b = b * inv;
+    }
+  } else {
+    auto both = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    a = std::get<0>(both);
+    b = std::get<1>(both);
+    if (scaled) {
+      auto rounded = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a * inv, b * inv));
+      a = std::get<0>(rounded);
+      b = std::get<1>(rounded);
+    }
+  }
+}
+
+inline __m256d lo_pd(const VecF& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+inline __m256d hi_pd(const VecF& v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+inline double hsum(__m256d v) {
+  alignas(32) double d[4];
+  _mm256_store_pd(d, v);
+  return (d[0] + d[1]) + (d[2] + d[3]);
+}
+
+inline double hmax(const VecF& v) {
+  alignas(32) float f[8];
+  v.store(f);
+  double m = f[0];
+  for (int k = 1; k < 8; ++k) m = norm_combine(NormKind::inf, m, static_cast<double>(f[k]));
+  return m;
+}
+
+// The 2-, 1- and inf-norm reductions of a chunk of float / half / bfloat16 grads: float64
+// accumulators for the sums (the max is exact in float).
+template <typename T>
+double chunk_vec16(const T* p, int64_t begin, int64_t end, NormKind kind, bool scaled, float inv_f) {
+  const VecF inv(inv_f);
+  int64_t i = begin;
+  double head = 0.0;
+  if (kind == NormKind::inf) {
+    VecF m0(0.0f), m1(0.0f);
+    for (; i + 16 <= end; i += 16) {
+      VecF a, b;
+      load16(p + i, scaled, inv, a, b);
+      m0 = at::vec::maximum(m0, a.abs());  // NaN-propagating
+      m1 = at::vec::maximum(m1, b.abs());
+    }
+    head = hmax(at::vec::maximum(m0, m1));
+  } else {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    if (kind == NormKind::two) {
+      for (; i + 16 <= end; i += 16) {
+        VecF a, b;
+        load16(p + i, scaled, inv, a, b);
+        const __m256d a0 = lo_pd(a), a1 = hi_pd(a), b0 = lo_pd(b), b1 = hi_pd(b);
+        s0 = _mm256_fmadd_pd(a0, a0, s0);
+        s1 = _mm256_fmadd_pd(a1, a1, s1);
+        s2 = _mm256_fmadd_pd(b0, b0, s2);
+        s3 = _mm256_fmadd_pd(b1, b1, s3);
+      }
+    } else {
+      for (; i + 16 <= end; i += 16) {
+        VecF a, b;
+        load16(p + i, scaled, inv, a, b);
+        a = a.abs();
+        b = b.abs();
+        s0 = _mm256_add_pd(lo_pd(a), s0);
+        s1 = _mm256_add_pd(hi_pd(a), s1);
+        s2 = _mm256_add_pd(lo_pd(b), s2);
+        s3 = _mm256_add_pd(hi_pd(b), s3);
+      }
+    }
+    head = hsum(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
+  }
+  return norm_combine(kind, head, chunk_scalar(p, i, end, kind, 0.0, scaled, inv_f));
+}
+
+double chunk_vec_f64(const double* p, int64_t begin, int64_t end, NormKind kind, bool scaled,
+                     float inv_f) {
+  const VecD inv(static_cast<double>(inv_f));
+  int64_t i = begin;
+  VecD s[4] = {VecD(0.0), VecD(0.0), VecD(0.0), VecD(0.0)};
+  for (; i + 16 <= end; i += 16) {
+    for (int k = 0; k < 4; ++k) {
+      VecD x = VecD::loadu(p + i + 4 * k);
+      if (scaled) x = x * inv;
+      if (kind == NormKind::two) {
+        s[k] = at::vec::fmadd(x, x, s[k]);
+      } else if (kind == NormKind::one) {
+        s[k] = s[k] + x.abs();
+      } else {
+        s[k] = at::vec::maximum(s[k], x.abs());
+      }
+    }
+  }
+  alignas(32) double d[4][4];
+  for (int k = 0; k < 4; ++k) s[k].store(d[k]);
+  double head = 0.0;
+  for (int lane = 0; lane < 4; ++lane) {
+    const double l = norm_combine(kind, norm_combine(kind, d[0][lane], d[1][lane]),
+                                  norm_combine(kind, d[2][lane], d[3][lane]));
+    head = norm_combine(kind, head, l);
+  }
+  return norm_combine(kind, head, chunk_scalar(p, i, end, kind, 0.0, scaled, inv_f));
+}
+#endif
+
+template <typename T>
+double chunk_partial(const T* p, int64_t begin, int64_t end, NormKind kind, double np, bool scaled,
+                     float inv) {
+#if defined(FUSEDOPT_CPU_AVX2)
+  if (kind != NormKind::p) {
+    if constexpr (std::is_same_v<T, double>) {
+      return chunk_vec_f64(p, begin, end, kind, scaled, inv);
+    } else {
+      return chunk_vec16(p, begin, end, kind, scaled, inv);
+    }
+  }
+#endif
+  return chunk_scalar(p, begin, end, kind, np, scaled, inv);
+}
+
+void grad_norm_cpu(at::TensorList grads, double norm_type, double max_norm, const at::Tensor& out,
+                   const std::optional<at::Tensor>& grad_scale) {
+  const char* op = "fusedopt::grad_norm_";
+  const NormArgs a = collect_norm_args(op, grads, norm_type, max_norm, out, grad_scale);
+  std::vector<int64_t> numels;
+  numels.reserve(a.grads.size());
+  int64_t total = 0;
+  for (const auto& g : a.grads) {
+    numels.push_back(g.numel);
+    total += g.numel;
+  }
+  const std::vector<WorkChunk> chunks = build_work_list(numels, kNormChunk);
+  std::vector<double> partials(chunks.size(), 0.0);
+  const int64_t parts = total < kMinParallelElems ? 1 : at::get_num_threads();
+  const std::vector<int64_t> bounds = balance_work(chunks, parts);
+  auto run_parts = [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) {
+        const WorkChunk& w = chunks[static_cast<size_t>(c)];
+        const NormSlot& s = a.grads[static_cast<size_t>(w.tensor)];
+        double r = 0.0;
+        switch (s.dtype) {
+          case Elem::f32:
+            r = chunk_partial(static_cast<const float*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+            break;
+          case Elem::f64:
+            r = chunk_partial(static_cast<const double*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+            break;
+          case Elem::f16:
+            r = chunk_partial(static_cast<const c10::Half*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+            break;
+          case Elem::bf16:
+            r = chunk_partial(static_cast<const c10::BFloat16*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+            break;
+        }
+        partials[static_cast<size_t>(c)] = r;
+      }
+    }
+  };
+  if (parts == 1) {
+    run_parts(0, 1);
+  } else {
+    at::parallel_for(0, parts, 1, run_parts);
+  }
+  double reduced = 0.0;
+  for (const double r : partials) reduced = norm_combine(a.kind, reduced, r);
+  const double norm = finish_norm(a.kind, a.norm_type, reduced);
+  if (a.out_is_double) {
+    auto* o = static_cast<double*>(a.out);
+    o[0] = norm;
+    o[1] = clip_coefficient<double>(norm, a.max_norm);
+  } else {
+    auto* o = static_cast<float*>(a.out);
+    o[0] = static_cast<float>(norm);  // rounded once
+    o[1] = clip_coefficient<float>(o[0], a.max_norm);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("grad_norm_", &grad_norm_cpu); }
+
+// A sparse gradient routes the call here; the validation rejects it, naming the tensor.
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) { m.impl("grad_norm_", &grad_norm_cpu); }
+
+}  // namespace fusedopt
