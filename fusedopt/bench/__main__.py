@@ -6,6 +6,9 @@ Examples::
     fusedopt-bench --quick --out /tmp/bench         # tiny sizes, seconds; writes json/md/png
     fusedopt-bench --devices cuda --dtypes fp32 bf16 --optimizers adam adamw --out results/
     fusedopt-bench --distributed fsdp2 --nproc 2   # FSDP2-sharded model, one process per rank
+    fusedopt-bench --presets mixed                  # bf16 GPT-2: fusedopt precision options vs torch
+    fusedopt-bench --optimizers rmsprop adagrad lion
+    fusedopt-bench --presets huge --dtypes bf16 --optimizers adam --precision master master+fp32-state
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from fusedopt.bench.optimizers import DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS
+from fusedopt.bench.optimizers import DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS, PRECISIONS, all_impl_names
 from fusedopt.bench.presets import DEFAULT_PRESETS, PRESETS
 from fusedopt.bench.runner import BUSY_WARN, DTYPES, BenchConfig, run
 from fusedopt.bench.sysinfo import other_cpu_busy
@@ -69,11 +72,17 @@ def _devices(given: list[str] | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusedopt-bench",
-        description="Time one optimizer step of fusedopt SGD/Adam/AdamW against torch.optim's for-loop, "
-                    "foreach and fused implementations on model-shaped parameter lists.",
+        description="Time one optimizer step of fusedopt SGD/Adam/AdamW/RMSprop/Adagrad/Lion against "
+                    "torch.optim's for-loop, foreach and fused implementations on model-shaped parameter "
+                    "lists, optionally with fusedopt's precision options (master weights, state dtype, "
+                    "stochastic rounding) as extra rows.",
         epilog="List flags take space- or comma-separated values. Effective GB/s counts the bytes the "
-               "update must move (Adam 7 x elem size per element, SGD+momentum 5x, plain SGD 3x); "
-               "see fusedopt/bench/bytes_model.py.",
+               "update must move (Adam 7 x elem size per element, SGD+momentum 5x, plain SGD 3x, "
+               "RMSprop/Adagrad/Lion 5x; precision options: each tensor at its own dtype, e.g. bf16 "
+               "Adam with master_weights and fp32 moments 28 bytes); see fusedopt/bench/bytes_model.py. "
+               "The mixed preset (GPT-2 small shapes in bf16) defaults to --dtypes bf16 --optimizers "
+               "adam sgd --impls fusedopt torch-foreach torch-fused --precision all; flags given "
+               "explicitly override those defaults.",
     )
     p.add_argument("--presets", nargs="+", metavar="P",
                    help=f"parameter-list presets (default: {' '.join(DEFAULT_PRESETS)}; choices: {', '.join(PRESETS)})")
@@ -81,10 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda (all GPUs), cuda:N, all (default: cpu and every visible GPU)")
     p.add_argument("--dtypes", nargs="+", metavar="T", help=f"{', '.join(DTYPES)} (default: fp32)")
     p.add_argument("--optimizers", nargs="+", metavar="O",
-                   help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; choices: {', '.join(OPTIMIZERS)}")
+                   help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; choices: {', '.join(OPTIMIZERS)} "
+                        "(torch has no fused RMSprop and no Lion: those rows are n/a)")
     p.add_argument("--impls", nargs="+", metavar="I",
                    help=f"default: all of {', '.join(IMPLS)} (graph variants only on CUDA); naming them "
-                        "explicitly also disables the default skips")
+                        "explicitly also disables the default skips; precision variants "
+                        "(fusedopt:OPTION) can be named too")
+    p.add_argument("--precision", nargs="+", metavar="OPT",
+                   help="add a fusedopt row per fusedopt precision option, next to the plain fusedopt row "
+                        f"(16-bit params only; n/a on fp32): {', '.join(PRECISIONS)}, or all. none = "
+                        "state in the param dtype; master = master_weights; master+rem = + "
+                        "master_remainders (bf16); fp32-state = state_dtype=float32; sr = "
+                        "stochastic_rounding (default: none, or the preset's own: all for mixed)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed steps per cell (default: auto - at least 3, until ~--budget seconds, "
                         "at most 15 on CPU / 100 on GPU)")
@@ -115,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main_distributed(args) -> int:
     from fusedopt.bench import distributed
 
+    if args.precision or "mixed" in (_split(args.presets) or []):
+        raise SystemExit("fusedopt-bench: --precision and the mixed preset are not available with --distributed")
     presets = _choose("preset", _split(args.presets) or list(distributed.DEFAULT_PRESETS), PRESETS)
     optimizers = _choose("optimizer", _split(args.optimizers) or list(distributed.DEFAULT_OPTIMIZERS), OPTIMIZERS)
     impls = [i for i in _choose("impl", _split(args.impls) or list(IMPLS), IMPLS) if not IMPLS[i].graph]
@@ -149,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])], DTYPES)
     optimizers = _choose("optimizer", _split(args.optimizers) or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)
     impls_explicit = args.impls is not None
-    impls = _choose("impl", _split(args.impls) or list(IMPLS), IMPLS)
-    if "fusedopt" not in impls and "fusedopt-graph" not in impls:
+    impls = _choose("impl", _split(args.impls) or list(IMPLS), all_impl_names())
+    precisions = _split(args.precision)
+    if precisions is not None:
+        precisions = list(PRECISIONS) if "all" in precisions else _choose("precision option", precisions, PRECISIONS)
+    if not any(i.startswith("fusedopt") for i in impls) and not precisions:
         print("fusedopt-bench: note: no fusedopt implementation selected, so no speedups", file=sys.stderr)
     if args.reps is not None and args.reps < 1:
         raise SystemExit("fusedopt-bench: --reps must be >= 1")
@@ -158,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("fusedopt-bench: --warmup must be >= 0")
     cfg = BenchConfig(
         presets=presets, devices=_devices(_split(args.devices)), dtypes=dtypes, optimizers=optimizers,
-        impls=impls, impls_explicit=impls_explicit, reps=args.reps, warmup=args.warmup,
+        impls=impls, impls_explicit=impls_explicit, dtypes_explicit=args.dtypes is not None,
+        optimizers_explicit=args.optimizers is not None, precisions=precisions, reps=args.reps, warmup=args.warmup,
         budget_s=args.budget, seed=args.seed, quick=args.quick, rounds=max(1, args.rounds),
         interleave=False if args.no_interleave else None,
     )

@@ -19,6 +19,13 @@ Presets
                 hidden 1024 / intermediate 2752 / 8 layers (~168M params); on a GPU the real
                 hidden 4096 / intermediate 11008 with as many of the 32 layers as fit in
                 roughly half the free memory (about 6 on an 80 GB H100).
+``mixed``       "Large-model precision": the GPT-2 small list (same shapes as ``gpt2-small``) in
+                bfloat16, stepped by fusedopt with each precision option as its own row (none,
+                master, master+rem, fp32-state, master+fp32-state, sr: see
+                fusedopt.bench.optimizers) against torch's foreach and fused steps on the same
+                bf16 params (torch keeps bf16 moments). Its defaults (:data:`PRESET_DEFAULTS`:
+                bf16, Adam and SGD with momentum, those rows) apply where --dtypes, --optimizers,
+                --impls or --precision are not given. Not in the default run.
 
 ``quick=True`` shrinks every preset to a few hundred thousand elements at most (smoke tests).
 """
@@ -30,7 +37,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESETS", "get_preset", "make_params", "gpt2_shapes", "llama_shapes"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESETS", "PRESET_DEFAULTS", "get_preset", "make_params", "gpt2_shapes",
+           "llama_shapes"]
 
 
 @dataclass
@@ -158,14 +166,30 @@ def _llama(device: torch.device, quick: bool) -> Preset:
     return p
 
 
+def _mixed(device: torch.device, quick: bool) -> Preset:
+    g = _gpt2(device, quick)
+    return Preset("mixed", g.shapes, f"{g.note}; bf16 params, fusedopt precision options (mixed)")
+
+
 PRESETS: dict[str, Callable[[torch.device, bool], Preset]] = {
     "gpt2-small": _gpt2,
     "many-small": _many_small,
     "many-4k": _many_4k,
     "huge": _huge,
     "llama": _llama,
+    "mixed": _mixed,
 }
 DEFAULT_PRESETS = ("gpt2-small", "many-small", "huge", "llama")
+
+# A preset's own defaults, used where the corresponding CLI flag (BenchConfig field) is not given.
+PRESET_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixed": dict(
+        dtypes=("bf16",),
+        optimizers=("adam", "sgd"),
+        impls=("fusedopt", "torch-foreach", "torch-fused"),
+        precisions=("none", "master", "master+rem", "fp32-state", "master+fp32-state", "sr"),
+    ),
+}
 
 
 def get_preset(name: str, device: torch.device | str = "cpu", quick: bool = False) -> Preset:

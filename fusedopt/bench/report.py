@@ -11,6 +11,26 @@ from pathlib import Path
 __all__ = ["format_table", "format_markdown", "write_results", "plot_results", "sections"]
 
 _COLS = ("preset", "optimizer", "impl", "ms/step", "GB/s", "% of stream BW", "fusedopt speedup")
+# A section with fusedopt precision variants: bytes per element differ from row to row, and each
+# row is compared with torch's fused step on the same params.
+_COLS_PRECISION = ("preset", "optimizer", "impl", "B/elem", "ms/step", "GB/s", "% of stream BW",
+                   "fusedopt speedup", "vs torch-fused")
+
+_PRECISION_LEGEND = {
+    "master": "master_weights=True (fp32 master)",
+    "master+rem": "master_weights=True, master_remainders=True (int16 remainder)",
+    "fp32-state": "state_dtype=torch.float32",
+    "master+fp32-state": "master_weights=True, state_dtype=torch.float32",
+    "sr": "stochastic_rounding=True",
+}
+
+
+def _has_precision(recs: list[dict]) -> bool:
+    return any(r.get("precision") not in (None, "none") for r in recs)
+
+
+def _cols(recs: list[dict]) -> tuple[str, ...]:
+    return _COLS_PRECISION if _has_precision(recs) else _COLS
 
 
 def sections(res: dict) -> list[tuple[str, str, list[dict]]]:
@@ -36,14 +56,19 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.3f}"
 
 
-def _row(r: dict) -> list[str]:
+def _row(r: dict, precision: bool = False) -> list[str]:
+    """One table row; ``precision``: the wider layout of _COLS_PRECISION."""
+    head = [r["preset"], r["optimizer"], r["impl"]] + ([str(r.get("bytes_per_element", ""))] if precision else [])
     if r["status"] != "ok":
         na = "n/a" if r["status"] == "n/a" else "skipped"
-        return [r["preset"], r["optimizer"], r["impl"], na, "", "", ""]
+        return head + [na, "", "", ""] + ([""] if precision else [])
     sp = r.get("fusedopt_speedup")
-    sp_s = f"{sp:.2f}x" if sp is not None else ("(ref)" if r["impl"].startswith("fusedopt") else "")
-    return [r["preset"], r["optimizer"], r["impl"], _fmt_ms(r["median_ms"]), f"{r['gbps']:.1f}",
-            f"{r['pct_of_stream']:.0f}%", sp_s]
+    sp_s = f"{sp:.2f}x" if sp is not None else ("(ref)" if r["impl"] in ("fusedopt", "fusedopt-graph") else "")
+    row = head + [_fmt_ms(r["median_ms"]), f"{r['gbps']:.1f}", f"{r['pct_of_stream']:.0f}%", sp_s]
+    if precision:
+        vf = r.get("speedup_vs_torch_fused")
+        row.append("(ref)" if r["impl"] == "torch-fused" else (f"{vf:.2f}x" if vf is not None else ""))
+    return row
 
 
 def _header(res: dict, dev: str, dtype: str) -> str:
@@ -65,10 +90,20 @@ def _footer(res: dict) -> list[str]:
         lines.append(f"{r['preset']} on {r['device']}: {p.get('note', '')} "
                      f"({p.get('num_tensors', 0):,} tensors, {p.get('numel', 0):,} elements)")
     lines.append("ms/step: median of timed steps after warm-up. GB/s: bytes the update must move "
-                 "(SGD 3/5 x elem size plain/momentum, Adam(W) 7x, amsgrad 9x, per element) / median time. "
+                 "(SGD 3/5 x elem size plain/momentum, Adam(W) 7x, amsgrad 9x, RMSprop/Adagrad/Lion 5x, per "
+                 "element; precision variants: each tensor at its own size) / median time. "
                  "fusedopt speedup = t(torch variant) / t(fusedopt); > 1 means fusedopt is faster. "
                  "% of stream BW may exceed 100% on CPU: the reference kernel reads and writes 1:1, "
                  "an optimizer step is read-heavy (Adam 4 reads : 3 writes) and reads stream faster.")
+    variants = list(dict.fromkeys(r["precision"] for r in res["results"] if r.get("precision") not in (None, "none")))
+    if variants:
+        lines.append("Precision variants: fusedopt:OPTION is fusedopt with "
+                     + "; ".join(f"{v} = {_PRECISION_LEGEND.get(v, v)}" for v in variants)
+                     + ". The plain fusedopt row keeps its state in the param dtype (torch's behaviour). "
+                     "B/elem: bytes moved per element (fusedopt/bench/bytes_model.py: with a master the "
+                     "16-bit param is only written; a remainder is read and written with the param). "
+                     "vs torch-fused = t(torch-fused) / t(row): > 1 means this row is faster than torch's "
+                     "fused step on the same params (whose state is in the param dtype).")
     reasons = {}
     for r in res["results"]:
         if r["status"] == "n/a":
@@ -88,9 +123,11 @@ def format_table(res: dict) -> str:
     """Plain-text table (one block per device/dtype) followed by notes."""
     out = []
     for dev, dtype, recs in sections(res):
-        rows = [list(_COLS)] + [_row(r) for r in recs]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(_COLS))]
-        right = {3, 4, 5, 6}
+        cols = _cols(recs)
+        prec = cols is _COLS_PRECISION
+        rows = [list(cols)] + [_row(r, prec) for r in recs]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+        right = set(range(3, len(cols)))
         out.append("")
         out.append(_header(res, dev, dtype))
 
@@ -129,10 +166,12 @@ def format_markdown(res: dict) -> str:
         lines.append(f"- `{dev}`: {info['name']}; streaming bandwidth **{bw['gbps']:.1f} GB/s** ({bw['method']})")
     for dev, dtype, recs in sections(res):
         lines += ["", f"## {dev}, {dtype}", ""]
-        lines.append("| " + " | ".join(_COLS) + " |")
-        lines.append("|" + "|".join(["---"] * 3 + ["---:"] * 4) + "|")
+        cols = _cols(recs)
+        prec = cols is _COLS_PRECISION
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(cols) - 3)) + "|")
         for r in recs:
-            lines.append("| " + " | ".join(_row(r)) + " |")
+            lines.append("| " + " | ".join(_row(r, prec)) + " |")
     lines += ["", "## Notes", ""]
     lines += [f"- {x}" for x in _footer(res)[:-1]]
     return "\n".join(lines) + "\n"
@@ -141,7 +180,10 @@ def format_markdown(res: dict) -> str:
 def _impl_colors(impls: list[str]) -> dict[str, str]:
     fixed = {"fusedopt": "#d62728", "fusedopt-graph": "#ff9896", "torch-forloop": "#7f7f7f",
              "torch-foreach": "#1f77b4", "torch-fused": "#2ca02c", "torch-fused-graph": "#98df8a"}
-    return {i: fixed.get(i, "#9467bd") for i in impls}
+    variants = {"fusedopt:master": "#ff7f0e", "fusedopt:master+rem": "#ffbb78", "fusedopt:fp32-state": "#9467bd",
+                "fusedopt:master+fp32-state": "#8c564b", "fusedopt:sr": "#e377c2"}
+    fixed.update(variants)
+    return {i: fixed.get(i, "#17becf") for i in impls}
 
 
 def plot_results(res: dict, path: str | Path) -> Path:
@@ -208,7 +250,7 @@ def plot_results(res: dict, path: str | Path) -> Path:
     fig.supxlabel(f"fusedopt vs torch.optim - torch {m.get('torch')}, {m.get('fusedopt_impl')}; {bws}. "
                   "Bars: median ms/step (log scale) and effective GB/s as % of the streaming reference.",
                   fontsize=8, color="0.3")
-    fig.legend(loc="outside upper center", ncol=len(impls), fontsize=8.5, frameon=False)
+    fig.legend(loc="outside upper center", ncol=min(len(impls), 6), fontsize=8.5, frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

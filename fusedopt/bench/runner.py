@@ -15,6 +15,17 @@ all implementations and the reference alike. This keeps all their optimizer stat
 once (4 x the state of one), which is fine for the CPU presets; on a GPU, where the presets
 are sized to the memory and the clocks are steady, implementations run one after the other
 (``interleave=False``).
+
+Per-preset defaults. A preset may bring its own dtypes, optimizers, implementations and
+precision variants (``fusedopt.bench.presets.PRESET_DEFAULTS``: the ``mixed`` preset is bf16,
+Adam and SGD, every fusedopt precision option): they apply where the config does not set that
+field explicitly (``*_explicit`` / ``precisions``), so ``--presets mixed gpt2-small`` runs the
+first in bf16 with its variants and the second with the global defaults.
+
+Precision variants. ``precisions`` expands the ``fusedopt`` implementation into one row per
+option (``fusedopt:master`` ...); each row's GB/s counts the bytes that option moves
+(bytes_model), and every row gets ``speedup_vs_torch_fused`` = t(torch-fused) / t(row) where
+a torch-fused row exists.
 """
 
 from __future__ import annotations
@@ -30,11 +41,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fusedopt.bench import sysinfo
-from fusedopt.bench.optimizers import IMPLS, OPTIMIZERS, Unsupported, build_optimizer, fusedopt_classes
-from fusedopt.bench.presets import get_preset, make_params
+from fusedopt.bench.optimizers import (OPTIMIZERS, PRECISIONS, Unsupported, build_optimizer, fusedopt_classes,
+                                       get_impl, precision_impl_name)
+from fusedopt.bench.presets import PRESET_DEFAULTS, get_preset, make_params
 from fusedopt.bench.timing import StreamReference, capture_step, synchronize, time_steps
 
-__all__ = ["BenchConfig", "DTYPES", "DEFAULT_SKIPS", "run", "plan_cells"]
+__all__ = ["BenchConfig", "DTYPES", "DEFAULT_SKIPS", "run", "plan_cells", "preset_plan", "expand_precisions"]
 
 BUSY_WARN = 0.15  # other processes' CPU share above which CPU timings are flagged
 
@@ -66,18 +78,59 @@ class BenchConfig:
     interleave: bool | None = None   # None: True on CPU, False on CUDA
     quick: bool = False
     seed: int = 0
+    dtypes_explicit: bool = False       # False: a preset's own dtypes (PRESET_DEFAULTS) win
+    optimizers_explicit: bool = False   # likewise for optimizers
+    precisions: list[str] | None = None  # fusedopt precision variants (None: the preset's, else none)
     extra: dict = field(default_factory=dict)
+
+
+def expand_precisions(impls: list[str], precisions) -> list[str]:
+    """``impls`` with the fusedopt row followed by one ``fusedopt:<option>`` row per precision
+    option ("none" is the plain fusedopt row itself)."""
+    extra = [precision_impl_name(p) for p in (precisions or ()) if p != "none"]
+    for p in precisions or ():
+        if p not in PRECISIONS:
+            raise ValueError(f"unknown precision option {p!r}; choose from {', '.join(PRECISIONS)}")
+    if not extra:
+        return list(impls)
+    out = list(impls)
+    at = out.index("fusedopt") + 1 if "fusedopt" in out else 0
+    out[at:at] = extra
+    return list(dict.fromkeys(out))
+
+
+def preset_plan(cfg: BenchConfig, preset: str) -> tuple[list[str], list[str], list[str]]:
+    """(dtypes, optimizers, impls) for ``preset``: the config's, or the preset's own defaults
+    where the config does not set them explicitly."""
+    own = PRESET_DEFAULTS.get(preset, {})
+    dtypes = list(own["dtypes"]) if "dtypes" in own and not cfg.dtypes_explicit else list(cfg.dtypes)
+    opts = list(own["optimizers"]) if "optimizers" in own and not cfg.optimizers_explicit else list(cfg.optimizers)
+    impls = list(own["impls"]) if "impls" in own and not cfg.impls_explicit else list(cfg.impls)
+    precisions = cfg.precisions if cfg.precisions is not None else own.get("precisions")
+    return dtypes, opts, expand_precisions(impls, precisions)
+
+
+def _dtype_order(cfg: BenchConfig) -> list[str]:
+    out: list[str] = []
+    for pre in cfg.presets:
+        out += preset_plan(cfg, pre)[0]
+    return list(dict.fromkeys(out))
 
 
 def plan_cells(cfg: BenchConfig) -> list[tuple[str, str, str, str, str]]:
     """Every (device, dtype, preset, optimizer, impl) the run will visit, in order."""
     cells = []
     for dev in cfg.devices:
-        for dt in cfg.dtypes:
+        for dt in _dtype_order(cfg):
             for pre in cfg.presets:
-                for opt in cfg.optimizers:
-                    for impl in cfg.impls:
-                        if IMPLS[impl].cuda_only and not dev.startswith("cuda"):
+                dtypes, opts, impls = preset_plan(cfg, pre)
+                if dt not in dtypes:
+                    continue
+                for opt in opts:
+                    for impl in impls:
+                        if get_impl(impl).cuda_only and not dev.startswith("cuda"):
+                            continue
+                        if not OPTIMIZERS[opt].has_torch and not get_impl(impl).is_fusedopt:
                             continue
                         cells.append((dev, dt, pre, opt, impl))
     return cells
@@ -111,7 +164,7 @@ class _Live:
     """One implementation being measured: its optimizer, step callable and timings so far."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, params, opt_name: str, impl_name: str):
-        self.impl = IMPLS[impl_name]
+        self.impl = get_impl(impl_name)
         self.optimizer = build_optimizer(self.impl, OPTIMIZERS[opt_name], params)
         self.step = self.optimizer.step
         if self.impl.graph:
@@ -221,10 +274,13 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             samples = [stream.measure(reps=10, warmup=3)]
             interleave = _interleaving(cfg, device)
             out["devices"][dev_str] = info = {"name": sysinfo.device_name(device), "interleaved": interleave}
-            for dt_name in cfg.dtypes:
+            for dt_name in _dtype_order(cfg):
                 dtype = DTYPES[dt_name]
                 es = torch.empty((), dtype=dtype).element_size()
                 for pre_name in cfg.presets:
+                    pre_dtypes, pre_opts, pre_impls = preset_plan(cfg, pre_name)
+                    if dt_name not in pre_dtypes:
+                        continue
                     preset = get_preset(pre_name, device, cfg.quick)
                     out["presets"][f"{dev_str}/{pre_name}"] = {
                         "note": preset.note, "num_tensors": preset.num_tensors, "numel": preset.numel}
@@ -234,10 +290,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                         params = make_params(preset.shapes, dtype, device, seed=cfg.seed)
                     except Exception as e:  # e.g. out of memory for this dtype
                         make_err = f"cannot allocate preset: {type(e).__name__}: {str(e).splitlines()[0]}"
-                    for opt_name in cfg.optimizers:
+                    for opt_name in pre_opts:
                         opt = OPTIMIZERS[opt_name]
-                        nbytes = preset.numel * opt.bytes_per_element(es)
-                        impls = [i for i in cfg.impls if not (IMPLS[i].cuda_only and device.type != "cuda")]
+                        impls = [i for i in pre_impls if not (get_impl(i).cuda_only and device.type != "cuda")
+                                 and (opt.has_torch or get_impl(i).is_fusedopt)]
                         recs: dict[str, dict] = {}
                         todo = []
                         for name in impls:
@@ -254,12 +310,19 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                                 recs.update(_measure_group(cfg, device, params, opt_name, group, stream, samples, bar))
                         for name in impls:
                             rec = recs[name]
+                            impl = get_impl(name)
+                            try:
+                                bpe = opt.bytes_per_element(es, **impl.precision_kwargs)
+                            except ValueError:  # e.g. remainders on fp16: the row is n/a anyway
+                                bpe = opt.bytes_per_element(es)
+                            nbytes = preset.numel * bpe
                             if rec.get("median_ms"):
                                 rec["gbps"] = nbytes / (rec["median_ms"] / 1e3) / 1e9
                             out["results"].append({
                                 "device": dev_str, "dtype": dt_name, "preset": pre_name, "optimizer": opt_name,
-                                "impl": name, "num_tensors": preset.num_tensors, "numel": preset.numel,
-                                "bytes_per_step": nbytes, "bytes_per_element": opt.bytes_per_element(es),
+                                "impl": name, "precision": impl.precision if impl.is_fusedopt else None,
+                                "num_tensors": preset.num_tensors, "numel": preset.numel,
+                                "bytes_per_step": nbytes, "bytes_per_element": bpe,
                                 "warmup": cfg.warmup, **rec})
                         bar.update(len(impls))
                     del params
@@ -283,6 +346,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     for (dtype_, pre, impl), why in DEFAULT_SKIPS.items():
         if any(r["status"] == "skipped" and r["preset"] == pre and r["impl"] == impl for r in out["results"]):
             out["notes"].append(f"{impl} on {pre} ({dtype_}): {why}")
+    for opt_name in dict.fromkeys(r["optimizer"] for r in out["results"]):
+        if not OPTIMIZERS[opt_name].has_torch:
+            out["notes"].append(f"{opt_name}: torch.optim has no {opt_name.capitalize()}, so fusedopt rows only "
+                                "(no speedups; its GB/s and % of stream BW are the measure)")
     if fusedopt_reason:
         out["notes"].append(f"fusedopt rows are n/a: {fusedopt_reason}")
     elif fusedopt_desc.startswith("STAND-IN"):
@@ -308,11 +375,21 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def _add_speedups(results: list[dict]) -> None:
-    """speedup = t(this torch impl) / t(fusedopt); graph rows compare with fusedopt-graph."""
+    """speedup = t(this torch impl) / t(fusedopt); graph rows compare with fusedopt-graph.
+
+    Also, on every row but torch-fused's own: speedup_vs_torch_fused = t(torch-fused) / t(row)
+    (> 1: this row is faster than torch's fused step), for the precision variants' table."""
     ref = {}
+    fused = {}
     for r in results:
         if r["impl"] in ("fusedopt", "fusedopt-graph") and r["status"] == "ok":
             ref[(r["device"], r["dtype"], r["preset"], r["optimizer"], r["impl"])] = r["median_ms"]
+        if r["impl"] == "torch-fused" and r["status"] == "ok":
+            fused[(r["device"], r["dtype"], r["preset"], r["optimizer"])] = r["median_ms"]
+    for r in results:
+        t = fused.get((r["device"], r["dtype"], r["preset"], r["optimizer"]))
+        if t and r["status"] == "ok" and r["impl"] != "torch-fused" and not r["impl"].endswith("-graph"):
+            r["speedup_vs_torch_fused"] = t / r["median_ms"]
     for r in results:
         if r["impl"].startswith("fusedopt") or r["status"] != "ok":
             continue

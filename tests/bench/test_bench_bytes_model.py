@@ -51,7 +51,8 @@ def test_bytes_per_element_table():
 
 
 def test_bench_optimizer_configs_use_the_model():
-    expect = {"sgd": 20, "sgd-plain": 12, "adam": 28, "adam-amsgrad": 36, "adamw": 28}
+    expect = {"sgd": 20, "sgd-plain": 12, "adam": 28, "adam-amsgrad": 36, "adamw": 28,
+              "rmsprop": 20, "adagrad": 20, "lion": 20}
     assert {name: cfg.bytes_per_element(4) for name, cfg in OPTIMIZERS.items()} == expect
 
 
