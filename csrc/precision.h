@@ -61,15 +61,31 @@ FUSEDOPT_HD uint16_t bf16_bits_stochastic(float f, uint32_t random16) {
 }
 
 // The random bits of element `index` of tensor `tensor` in a step seeded with `seed`: a
-// counter-based hash (splitmix64's finaliser), so any thread, block or chunk that handles an
-// element draws the same bits for it, and a seeded run repeats exactly.
-FUSEDOPT_HD uint32_t rounding_bits(uint64_t seed, uint64_t tensor, uint64_t index) {
-  uint64_t z = seed ^ (tensor * 0x9e3779b97f4a7c15ull) ^ (index * 0xd1b54a32d192ed03ull);
+// counter-based hash, so any thread, block or chunk that handles an element draws the same bits
+// for it, and a seeded run repeats exactly. Split in two so that the CPU kernels hash per element
+// in 32-bit arithmetic (which vectorizes): a 64-bit key per tensor and 2^32 elements (splitmix64's
+// finaliser), then murmur3's 32-bit finaliser per element.
+FUSEDOPT_HD uint32_t rounding_key(uint64_t seed, uint64_t tensor, uint64_t index_high) {
+  uint64_t z = seed ^ (tensor * 0x9e3779b97f4a7c15ull) ^ (index_high * 0xd1b54a32d192ed03ull);
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   z ^= z >> 31;
-  return static_cast<uint32_t>(z >> 16);
+  return static_cast<uint32_t>(z);
+}
+
+FUSEDOPT_HD uint32_t rounding_bits_keyed(uint32_t key, uint32_t index_low) {
+  uint32_t h = key ^ (index_low * 0x9e3779b1u);
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+FUSEDOPT_HD uint32_t rounding_bits(uint64_t seed, uint64_t tensor, uint64_t index) {
+  return rounding_bits_keyed(rounding_key(seed, tensor, index >> 32), static_cast<uint32_t>(index));
 }
 
 // The seed of a tensor's stochastic rounding at a step: the step's seed mixed with the tensor's

@@ -9,19 +9,24 @@
 namespace fusedopt {
 namespace {
 
-Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
+// The storage type of a float32/float64/float16/bfloat16 tensor; false for any other dtype.
+bool float_elem(const at::Tensor& t, Elem& out) {
   switch (t.scalar_type()) {
-    case at::kFloat: return Elem::f32;
-    case at::kDouble: return Elem::f64;
-    case at::kHalf: return Elem::f16;
-    case at::kBFloat16: return Elem::bf16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
-                       "; fusedopt supports float32, float64, float16 and bfloat16 params",
-                       t.is_complex() ? " (complex params are passed as real views by the "
-                                        "optimizer classes)" : "");
+    case at::kFloat: out = Elem::f32; return true;
+    case at::kDouble: out = Elem::f64; return true;
+    case at::kHalf: out = Elem::f16; return true;
+    case at::kBFloat16: out = Elem::bf16; return true;
+    default: return false;
   }
-  return Elem::f32;
+}
+
+Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
+  Elem e = Elem::f32;
+  TORCH_CHECK_TYPE(float_elem(t, e), op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
+                   "; fusedopt supports float32, float64, float16 and bfloat16 params",
+                   t.is_complex() ? " (complex params are passed as real views by the "
+                                    "optimizer classes)" : "");
+  return e;
 }
 
 // A companion of params[i] (its grad or a state tensor) must match it exactly in dtype,
@@ -258,16 +263,10 @@ void read_step(const char* op, int64_t i, const at::Tensor& st, TensorSlot& s, c
 }
 
 Elem state_elem(const char* op, int64_t k, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Elem::f32;
-    case at::kDouble: return Elem::f64;
-    case at::kHalf: return Elem::f16;
-    case at::kBFloat16: return Elem::bf16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": states[", k, "] has dtype ", t.scalar_type(),
-                       "; optimizer states may be float32, float64, float16 or bfloat16");
-  }
-  return Elem::f32;
+  Elem e = Elem::f32;
+  TORCH_CHECK_TYPE(float_elem(t, e), op, ": states[", k, "] has dtype ", t.scalar_type(),
+                   "; optimizer states may be float32, float64, float16 or bfloat16");
+  return e;
 }
 
 }  // namespace

@@ -64,13 +64,39 @@ constexpr Elem math_elem() {
   return std::is_same_v<S, double> ? Elem::f64 : Elem::f32;
 }
 
+// 16-bit values to float32, vectorized (at::vec::convert has no vector path in this direction).
+template <typename T>
+void widen_16bit(const T* src, float* dst, int64_t n) {
+  using Vec16 = at::vec::Vectorized<T>;
+  using VecF = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + Vec16::size() <= n; i += Vec16::size()) {
+    const auto both = at::vec::convert_to_float<T>(Vec16::loadu(src + i));
+    std::get<0>(both).store(dst + i);
+    std::get<1>(both).store(dst + i + VecF::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 template <typename S>
 void load_block(const void* base, Elem e, int64_t begin, int64_t n, S* dst) {
   switch (e) {
     case Elem::f32: at::vec::convert(static_cast<const float*>(base) + begin, dst, n); break;
     case Elem::f64: at::vec::convert(static_cast<const double*>(base) + begin, dst, n); break;
-    case Elem::f16: at::vec::convert(static_cast<const c10::Half*>(base) + begin, dst, n); break;
-    default: at::vec::convert(static_cast<const c10::BFloat16*>(base) + begin, dst, n); break;
+    case Elem::f16:
+      if constexpr (std::is_same_v<S, float>) {
+        widen_16bit(static_cast<const c10::Half*>(base) + begin, dst, n);
+      } else {
+        at::vec::convert(static_cast<const c10::Half*>(base) + begin, dst, n);
+      }
+      break;
+    default:
+      if constexpr (std::is_same_v<S, float>) {
+        widen_16bit(static_cast<const c10::BFloat16*>(base) + begin, dst, n);
+      } else {
+        at::vec::convert(static_cast<const c10::BFloat16*>(base) + begin, dst, n);
+      }
+      break;
   }
 }
 
@@ -175,9 +201,12 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
         for (int64_t j = 0; j < n; ++j) split_master(P[j], bits[j], rem[j]);
       } else if (!param_in_place && seed >= 0 && s.dtype == Elem::bf16) {
         auto* out = static_cast<uint16_t*>(s.param) + b;
+        // (a block never crosses a multiple of 2^32 elements: the key holds for all of it)
+        const uint32_t key = rounding_key(seed_bits, static_cast<uint64_t>(index),
+                                          static_cast<uint64_t>(b) >> 32);
+        const auto first = static_cast<uint32_t>(b);
         for (int64_t j = 0; j < n; ++j) {
-          out[j] = bf16_bits_stochastic(P[j], rounding_bits(seed_bits, static_cast<uint64_t>(index),
-                                                            static_cast<uint64_t>(b + j)));
+          out[j] = bf16_bits_stochastic(P[j], rounding_bits_keyed(key, first + static_cast<uint32_t>(j)));
         }
       } else if (!param_in_place) {
         store_block(P, s.param, s.dtype, b, n);
