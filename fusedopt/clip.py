@@ -150,7 +150,8 @@ def clip_grad_norm_(
         raise RuntimeError(_NONFINITE_MESSAGE.format(norm_type))
 
     for device, device_grads in by_device.items():
-        if device.type == "cpu" and not torch.compiler.is_compiling() and float(clip_coef) == 1.0:
+        if (device.type == "cpu" and clip_coef.device.type == "cpu"
+                and not torch.compiler.is_compiling() and float(clip_coef) == 1.0):
             # On the CPU reading the coefficient costs no synchronisation, and multiplying by
             # exactly 1 would leave every grad bit for bit as it is (a NaN or infinite norm gives
             # NaN or 0): the common unclipped step skips a pass over all grads.

@@ -1,10 +1,11 @@
 """Mutation testing of the emulated-CUDA tests: injects known bugs, one at a time, into a copy of
-csrc/cuda/fused_step_kernels.cu, builds the emulated backend from the copy, and runs the emulated
+csrc/cuda/fused_step_kernels.cu (or of csrc/cuda/grad_norm_kernels.cu: the "norm:" mutants), builds the emulated backend from the copy, and runs the emulated
 tests against it. Each mutant must be caught (a failing test, a crash or a hang); a surviving mutant
 means the tests cannot see that kind of bug, and the script exits non-zero.
 
     python scripts/mutate_cuda_kernels.py            # every mutant
     python scripts/mutate_cuda_kernels.py -k reset   # those whose name contains "reset"
+    python scripts/mutate_cuda_kernels.py -k norm:   # the gradient-norm kernel's
 
 Needs the built fusedopt extension and the CUDA headers; no GPU. About 20-60 s per mutant.
 """
@@ -56,6 +57,32 @@ MUTANTS = [
 TESTS = ["tests/cuda/test_emulated_kernels.py", "tests/optim/test_optim_parity.py",
          "tests/optim/test_optim_amp.py", "tests/lr_scheduler/test_in_kernel.py", "tests/ops/test_ops.py"]
 
+# The gradient-norm kernel's mutants, caught by its emulated tests.
+NORM_KERNELS = "csrc/cuda/grad_norm_kernels.cu"
+NORM_MUTANTS = [
+    ("norm: vector loop drops its last pack", "const int64_t nvec = (end - begin) / kN;",
+     "const int64_t nvec = (end - begin) / kN - 1;", 1),
+    ("norm: scalar tail stops one early", "for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x)",
+     "for (int64_t j = i + threadIdx.x; j < end - 1; j += blockDim.x)", 1),
+    ("norm: grid stride skips chunks", "c < a.num_chunks; c += gridDim.x)", "c < a.num_chunks; c += gridDim.x + 1)", 1),
+    ("norm: counter never reset", "    reset_count(a.done_counter);\n", "", 1),
+    ("norm: the first block to finish reduces", "== static_cast<int>(gridDim.x) - 1 ? 1 : 0;", "== 0 ? 1 : 0;", 1),
+    ("norm: block tree drops the odd element", "const unsigned half = (width + 1) / 2;", "const unsigned half = width / 2;", 1),
+    ("norm: no barrier before reading the last-block flag", "  __syncthreads();\n  if (!sh.last) return;",
+     "  if (!sh.last) return;", 1),
+    ("norm: final reduction skips a partial", "for (int64_t c = threadIdx.x; c < a.num_chunks; c += blockDim.x)",
+     "for (int64_t c = threadIdx.x + 1; c < a.num_chunks; c += blockDim.x)", 1),
+    ("norm: device grad_scale ignored",
+     "    u = {true, static_cast<float>(1.0 / static_cast<double>(*a.grad_scale))};\n", "", 1),
+    ("norm: host grad_scale ignored", "Unscale u{a.has_host_scale != 0, a.host_inv_scale};",
+     "Unscale u{false, a.host_inv_scale};", 1),
+]
+NORM_TESTS = ["tests/test_clip.py"]
+
+# (kernel file, the environment variable that points the emulated build at a copy, mutants, tests)
+TARGETS = [(KERNELS, "FUSEDOPT_EMULATED_KERNEL_SOURCE", MUTANTS, TESTS),
+           (NORM_KERNELS, "FUSEDOPT_EMULATED_NORM_KERNEL_SOURCE", NORM_MUTANTS, NORM_TESTS)]
+
 
 def run(cmd, env, timeout):
     try:
@@ -75,43 +102,47 @@ def main() -> int:
 
     print("building the unmutated emulated backend ...", flush=True)
     emulated_cuda.build()
-    source = (ROOT / KERNELS).read_text()
     survivors = []
     with tempfile.TemporaryDirectory(prefix="fusedopt-mutants-") as tmp:
-        for n, (name, old, new, count) in enumerate(MUTANTS):
-            if args.k not in name:
-                continue
-            found = source.count(old)
-            if found != count:
-                print(f"[{name}] the kernel source changed: expected {count} occurrence(s), found {found}; "
-                      "update scripts/mutate_cuda_kernels.py")
-                return 2
-            work = Path(tmp) / f"m{n}"
-            shutil.copytree(ROOT / "csrc", work / "csrc")
-            shutil.copytree(emulated_cuda.DEFAULT_BUILD_DIR, work / "build")  # reuse the objects
-            (work / KERNELS).write_text(source.replace(old, new))
-            env = dict(os.environ, FUSEDOPT_EMULATED_KERNEL_SOURCE=str(work / KERNELS),
-                       FUSEDOPT_EMULATED_BUILD_DIR=str(work / "build"), FUSEDOPT_REQUIRE_EMULATION="1")
-            start = time.time()
-            code, out = run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); "
-                             "import emulated_cuda; emulated_cuda.build()"], env, args.timeout)
-            if code != 0:
-                print(f"[{name}] the mutant does not build:\n{out[-3000:]}")
-                return 2
-            code, out = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "emul",
-                             *TESTS], env, args.timeout)
-            took = time.time() - start
-            if code == 0:
-                survivors.append(name)
-                verdict = "SURVIVED"
-            elif code == "timeout":
-                verdict = "caught (hang)"
-            elif code == 1:
-                failed = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
-                verdict = "caught by " + (failed[0].split(" ")[1] if failed else "a failing test")
-            else:
-                verdict = f"caught (pytest exit {code}: a crash)"
-            print(f"[{name}] {verdict} ({took:.0f} s)", flush=True)
+        n = 0
+        for kernel_file, env_var, mutants, tests in TARGETS:
+            source = (ROOT / kernel_file).read_text()
+            for name, old, new, count in mutants:
+                n += 1
+                if args.k not in name:
+                    continue
+                found = source.count(old)
+                if found != count:
+                    print(f"[{name}] the kernel source changed: expected {count} occurrence(s), found "
+                          f"{found}; update scripts/mutate_cuda_kernels.py")
+                    return 2
+                work = Path(tmp) / f"m{n}"
+                shutil.copytree(ROOT / "csrc", work / "csrc")
+                shutil.copytree(emulated_cuda.DEFAULT_BUILD_DIR, work / "build")  # reuse the objects
+                (work / kernel_file).write_text(source.replace(old, new))
+                env = dict(os.environ, FUSEDOPT_EMULATED_BUILD_DIR=str(work / "build"),
+                           FUSEDOPT_REQUIRE_EMULATION="1")
+                env[env_var] = str(work / kernel_file)
+                start = time.time()
+                code, out = run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); "
+                                 "import emulated_cuda; emulated_cuda.build()"], env, args.timeout)
+                if code != 0:
+                    print(f"[{name}] the mutant does not build:\n{out[-3000:]}")
+                    return 2
+                code, out = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k",
+                                 "emul", *tests], env, args.timeout)
+                took = time.time() - start
+                if code == 0:
+                    survivors.append(name)
+                    verdict = "SURVIVED"
+                elif code == "timeout":
+                    verdict = "caught (hang)"
+                elif code == 1:
+                    failed = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
+                    verdict = "caught by " + (failed[0].split(" ")[1] if failed else "a failing test")
+                else:
+                    verdict = f"caught (pytest exit {code}: a crash)"
+                print(f"[{name}] {verdict} ({took:.0f} s)", flush=True)
     if survivors:
         print(f"{len(survivors)} mutant(s) survived: {survivors}")
         return 1

@@ -65,10 +65,19 @@ def build(kernel_source: str | os.PathLike | None = None, build_dir: str | os.Pa
                 f'#include "{EMULATION / "emulated_kernels.cpp"}"\n')
         if not kernels.exists() or kernels.read_text() != text:
             kernels.write_text(text)
+    # likewise for the gradient-norm kernel (csrc/cuda/grad_norm_kernels.cu)
+    norm_kernels = EMULATION / "emulated_norm_kernels.cpp"
+    norm_source = os.environ.get("FUSEDOPT_EMULATED_NORM_KERNEL_SOURCE") or None
+    if norm_source is not None:
+        norm_kernels = build_dir / "mutant_norm_kernels.cpp"
+        text = (f'#define FUSEDOPT_NORM_KERNEL_SOURCE "{Path(norm_source).resolve()}"\n'
+                f'#include "{EMULATION / "emulated_norm_kernels.cpp"}"\n')
+        if not norm_kernels.exists() or norm_kernels.read_text() != text:
+            norm_kernels.write_text(text)
     return load(
         name=MODULE_NAME,
         sources=[str(EMULATION / "emulated_backend.cpp"), str(kernels),
-                 str(EMULATION / "emulated_norm_kernels.cpp"),
+                 str(norm_kernels),
                  str(CSRC / "cuda" / "host_tables.cpp"), str(CSRC / "cuda" / "norm_tables.cpp"),
                  str(CSRC / "step_args.cpp"), str(CSRC / "grad_norm_args.cpp")],
         # the half-type switches torch's CUDA builds give nvcc, so the kernels see the same API

@@ -314,16 +314,20 @@ def unscaled(g, inv_scale):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_type", [2.0, INF])
-def test_grad_scale_gives_the_norm_of_the_unscaled_grads(device, norm_type):
-    params = make_params(SHAPES, DTYPES, seed=14, scale=65536.0)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64])
+def test_grad_scale_gives_the_norm_of_the_unscaled_grads(device, norm_type, scale_dtype):
+    """(The emulated backend reads a float32 grad_scale in the kernel, as from device memory, and
+    a float64 one on the host, as the real glue reads a CPU grad_scale.)"""
+    params = make_params(SHAPES, DTYPES, seed=14, scale=1024.0)  # finite in float16 too
     grads = [p.grad for p in params]
     before = [g.clone() for g in grads]
-    scale = torch.tensor([65536.0 * 3])  # an inexact reciprocal
+    scale = torch.tensor([1024.0 * 3], dtype=scale_dtype)  # an inexact reciprocal
     inv = torch.tensor(1.0, dtype=torch.float64).div(scale.double()).float()  # as GradScaler
     out = torch.empty(2, dtype=torch.float64)
     torch.ops.fusedopt.grad_norm_(grads, norm_type, 1.0, out, scale)
     expected = torch.empty(2, dtype=torch.float64)
     torch.ops.fusedopt.grad_norm_([unscaled(g, inv) for g in grads], norm_type, 1.0, expected)
+    assert torch.isfinite(expected).all() and 0.1 < float(expected[0]) < 1e4
     if device == "cpu":
         assert torch.equal(out, expected)
     else:  # the kernel's own rounding of 1 / scale
