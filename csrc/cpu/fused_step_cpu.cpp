@@ -34,16 +34,11 @@ inline at::vec::Vectorized<T> fo_max(const at::vec::Vectorized<T>& a,
 #include "../precision.h"
 #include "../step_args.h"
 #include "../update_rules.h"
-#include "../work_list.h"
+#include "parallel_chunks.h"
 
 namespace fusedopt {
 namespace {
 
-// Elements per work-list chunk: large enough that per-chunk bookkeeping vanishes, small
-// enough that a big tensor spreads evenly over the threads.
-constexpr int64_t kCpuChunk = 1 << 16;
-// Below this many elements a step runs on the calling thread: waking the pool costs more.
-constexpr int64_t kMinParallelElems = 1 << 15;
 
 // The scalars every element of a step reads: GradScaler's unscale (the float32 reciprocal of the
 // scale, as GradScaler.unscale_ computes it, so a fused step matches unscale-then-step exactly)
@@ -245,31 +240,16 @@ template <typename F>
 void for_each_chunk(const StepArgs& args, const F& per_chunk) {
   std::vector<int64_t> numels;
   numels.reserve(args.tensors.size());
-  int64_t total = 0;
-  for (const auto& s : args.tensors) {
-    numels.push_back(s.numel);
-    total += s.numel;
-  }
-  const std::vector<WorkChunk> chunks = build_work_list(numels, kCpuChunk);
-  const int64_t parts = total < kMinParallelElems ? 1 : at::get_num_threads();
-  const std::vector<int64_t> bounds = balance_work(chunks, parts);
-  auto run_parts = [&](int64_t first, int64_t last) {
-    for (int64_t part = first; part < last; ++part) {
-      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) {
-        if (c + 1 < bounds[part + 1]) {
-          const WorkChunk& n = chunks[static_cast<size_t>(c + 1)];
-          prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
-        }
-        const WorkChunk& w = chunks[static_cast<size_t>(c)];
-        per_chunk(w.tensor, args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
-      }
+  for (const auto& s : args.tensors) numels.push_back(s.numel);
+  const std::vector<WorkChunk> chunks = cpu_work_list(numels);
+  for_chunks_in_parallel(chunks, [&](int64_t c, bool more) {
+    if (more) {
+      const WorkChunk& n = chunks[static_cast<size_t>(c + 1)];
+      prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
     }
-  };
-  if (parts == 1) {
-    run_parts(0, 1);
-  } else {
-    at::parallel_for(0, parts, 1, run_parts);
-  }
+    const WorkChunk& w = chunks[static_cast<size_t>(c)];
+    per_chunk(w.tensor, args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
+  });
 }
 
 // Reads the scalars the step depends on; false when the whole step is skipped: found_inf is

@@ -19,15 +19,13 @@
 #endif
 
 #include "../grad_norm_args.h"
-#include "../work_list.h"
+#include "parallel_chunks.h"
 
 namespace fusedopt {
 namespace {
 
 // Elements per chunk (the unit of the per-chunk partials), and the size below which the reduction
 // stays on the calling thread.
-constexpr int64_t kNormChunk = 1 << 16;
-constexpr int64_t kMinParallelElems = 1 << 15;
 
 // One element as the norm sees it, in float64: the gradient value, or with a grad scale the
 // unscaled value GradScaler.unscale_ would store (the product in float, or double for float64
@@ -197,44 +195,30 @@ void grad_norm_cpu(at::TensorList grads, double norm_type, double max_norm, cons
   const NormArgs a = collect_norm_args(op, grads, norm_type, max_norm, out, grad_scale);
   std::vector<int64_t> numels;
   numels.reserve(a.grads.size());
-  int64_t total = 0;
-  for (const auto& g : a.grads) {
-    numels.push_back(g.numel);
-    total += g.numel;
-  }
-  const std::vector<WorkChunk> chunks = build_work_list(numels, kNormChunk);
+  for (const auto& g : a.grads) numels.push_back(g.numel);
+  const std::vector<WorkChunk> chunks = cpu_work_list(numels);
+  // One partial per chunk, combined below in chunk order: the same norm whatever the threads.
   std::vector<double> partials(chunks.size(), 0.0);
-  const int64_t parts = total < kMinParallelElems ? 1 : at::get_num_threads();
-  const std::vector<int64_t> bounds = balance_work(chunks, parts);
-  auto run_parts = [&](int64_t first, int64_t last) {
-    for (int64_t part = first; part < last; ++part) {
-      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) {
-        const WorkChunk& w = chunks[static_cast<size_t>(c)];
-        const NormSlot& s = a.grads[static_cast<size_t>(w.tensor)];
-        double r = 0.0;
-        switch (s.dtype) {
-          case Elem::f32:
-            r = chunk_partial(static_cast<const float*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
-            break;
-          case Elem::f64:
-            r = chunk_partial(static_cast<const double*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
-            break;
-          case Elem::f16:
-            r = chunk_partial(static_cast<const c10::Half*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
-            break;
-          case Elem::bf16:
-            r = chunk_partial(static_cast<const c10::BFloat16*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
-            break;
-        }
-        partials[static_cast<size_t>(c)] = r;
-      }
+  for_chunks_in_parallel(chunks, [&](int64_t c, bool /*more*/) {
+    const WorkChunk& w = chunks[static_cast<size_t>(c)];
+    const NormSlot& s = a.grads[static_cast<size_t>(w.tensor)];
+    double r = 0.0;
+    switch (s.dtype) {
+      case Elem::f32:
+        r = chunk_partial(static_cast<const float*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+        break;
+      case Elem::f64:
+        r = chunk_partial(static_cast<const double*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+        break;
+      case Elem::f16:
+        r = chunk_partial(static_cast<const c10::Half*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+        break;
+      case Elem::bf16:
+        r = chunk_partial(static_cast<const c10::BFloat16*>(s.data), w.begin, w.end, a.kind, a.norm_type, a.scaled, a.host_inv_scale);
+        break;
     }
-  };
-  if (parts == 1) {
-    run_parts(0, 1);
-  } else {
-    at::parallel_for(0, parts, 1, run_parts);
-  }
+    partials[static_cast<size_t>(c)] = r;
+  });
   double reduced = 0.0;
   for (const double r : partials) reduced = norm_combine(a.kind, reduced, r);
   const double norm = finish_norm(a.kind, a.norm_type, reduced);

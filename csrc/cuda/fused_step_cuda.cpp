@@ -32,18 +32,6 @@ namespace {
 constexpr int kBlock = kMaxBlock;
 constexpr int kBlocksPerSm = 4;
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, int> counts;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = counts.find(device);
-  if (it != counts.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  counts[device] = n;
-  return n;
-}
-
 const float* device_float_scalar(const char* op, const char* what,
                                  const std::optional<at::Tensor>& t) {
   if (!t.has_value() || t->device().is_cpu()) return nullptr;

@@ -29,18 +29,6 @@ namespace {
 constexpr int kNormBlock = kMaxBlock;
 constexpr int kNormBlocksPerSm = 4;
 
-int multiprocessors(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, int> counts;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = counts.find(device);
-  if (it != counts.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  counts[device] = n;
-  return n;
-}
-
 void grad_norm_cuda(at::TensorList grads, double norm_type, double max_norm, const at::Tensor& out,
                     const std::optional<at::Tensor>& grad_scale) {
   const char* op = "fusedopt::grad_norm_";
@@ -64,7 +52,7 @@ void grad_norm_cuda(at::TensorList grads, double norm_type, double max_norm, con
   const at::Tensor partials = at::empty({std::max<int64_t>(table.num_chunks, 1)},
                                         at::TensorOptions().dtype(at::kDouble).device(a.device));
   NormLaunchArgs la = make_norm_launch_args(table, a, up.table, up.counters, partials.data_ptr<double>());
-  la.grid = norm_launch_grid(table, static_cast<int64_t>(multiprocessors(a.device.index())) * kNormBlocksPerSm);
+  la.grid = norm_launch_grid(table, static_cast<int64_t>(sm_count(a.device.index())) * kNormBlocksPerSm);
   la.block = kNormBlock;
   C10_CUDA_CHECK(static_cast<cudaError_t>(launch_grad_norm(la, stream.stream())));
   table_cache().mark_used(up.table, stream.stream(), capturing);

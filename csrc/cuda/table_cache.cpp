@@ -1,11 +1,25 @@
 #include "table_cache.h"
 
+#include <unordered_map>
+
 namespace fusedopt {
 namespace cuda {
 
 TableCache& table_cache() {
   static TableCache cache;
   return cache;
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = counts.find(device);
+  if (it != counts.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  counts[device] = n;
+  return n;
 }
 
 }  // namespace cuda

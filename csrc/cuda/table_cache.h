@@ -19,6 +19,9 @@
 namespace fusedopt {
 namespace cuda {
 
+// The device's multiprocessor count (cached): launches size their grids by it.
+int sm_count(int device);
+
 // Device copies of host-packed tables (host_tables.h), kept while they may be reused: a step
 // whose tables are byte-identical to an earlier one reuses that upload (no copy at all), and an
 // upload recorded into a CUDA graph stays alive, with its pinned source, for as long as the

@@ -1,0 +1,46 @@
+// The one parallel region of a CPU op: the work list (../work_list.h) of every tensor, split into
+// contiguous parts of nearly equal element counts, one per thread. Shared by the fused step and
+// the gradient norm.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../work_list.h"
+
+namespace fusedopt {
+
+// Elements per work-list chunk: large enough that per-chunk bookkeeping vanishes, small
+// enough that a big tensor spreads evenly over the threads.
+constexpr int64_t kCpuChunk = 1 << 16;
+// Below this many elements an op runs on the calling thread: waking the pool costs more.
+constexpr int64_t kMinParallelElems = 1 << 15;
+
+// The chunks of tensors of these sizes.
+inline std::vector<WorkChunk> cpu_work_list(const std::vector<int64_t>& numels) {
+  return build_work_list(numels, kCpuChunk);
+}
+
+// Calls per_chunk(c, more) for every chunk index c, in one parallel region; `more` says that the
+// same thread takes chunk c + 1 next (a hint for prefetching it). Chunks of one part run in order.
+template <typename F>
+void for_chunks_in_parallel(const std::vector<WorkChunk>& chunks, const F& per_chunk) {
+  int64_t total = 0;
+  for (const WorkChunk& w : chunks) total += w.end - w.begin;
+  const int64_t parts = total < kMinParallelElems ? 1 : at::get_num_threads();
+  const std::vector<int64_t> bounds = balance_work(chunks, parts);
+  auto run_parts = [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) per_chunk(c, c + 1 < bounds[part + 1]);
+    }
+  };
+  if (parts == 1) {
+    run_parts(0, 1);
+  } else {
+    at::parallel_for(0, parts, 1, run_parts);
+  }
+}
+
+}  // namespace fusedopt
