@@ -2,7 +2,9 @@
 
 Grads of the exact GPT-2 small parameter list (148 tensors, 124.4M elements; see
 fusedopt/bench/presets.py), float32 unless --dtype says otherwise. Each repeat times both
-implementations back to back, in alternating order (interleaved), on the same grads. Two cases:
+implementations back to back, in alternating order (interleaved), on the same grads. First the
+reduction alone (torch.ops.fusedopt.grad_norm_ against torch.nn.utils.get_total_norm(foreach=True)),
+then clip_grad_norm_ in two cases:
 "below" (max_norm far above the norm: coefficient 1; torch still multiplies every grad by it,
 fusedopt on the CPU skips that identity) and "above" (max_norm 1.0, far below the norm of ~11,000:
 every call scales every grad; the grads are restored from a copy, untimed, before each call). Reported: the median of the
@@ -56,12 +58,24 @@ def main() -> None:
 
     print(f"GPT-2 small grads: {len(params)} tensors, {numel / 1e6:.1f}M elements, {args.dtype}, "
           f"norm_type {args.norm_type}, {torch.get_num_threads()} threads, {args.reps} interleaved repeats")
-    for case, max_norm in (("below", 1e30), ("above", 1.0)):
-        impls = {
-            "fusedopt": lambda: fusedopt.clip_grad_norm_(params, max_norm, args.norm_type),
-            "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, args.norm_type,
-                                                                    foreach=True),
-        }
+    out = torch.empty(2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+    def fused_norm():
+        torch.ops.fusedopt.grad_norm_(grads, args.norm_type, 1.0, out)
+        return out[0]
+
+    for case, max_norm in (("norm only", None), ("below", 1e30), ("above", 1.0)):
+        if max_norm is None:  # the reduction alone: the op against torch's get_total_norm
+            impls = {
+                "fusedopt": fused_norm,
+                "torch foreach": lambda: torch.nn.utils.get_total_norm(grads, args.norm_type, foreach=True),
+            }
+        else:
+            impls = {
+                "fusedopt": lambda: fusedopt.clip_grad_norm_(params, max_norm, args.norm_type),
+                "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, args.norm_type,
+                                                                        foreach=True),
+            }
         norms = {}
         for _ in range(args.warmup):
             for name, fn in impls.items():
@@ -75,7 +89,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 impls[name]()
                 times[name].append(time.perf_counter() - t0)
-        print(f"max_norm {max_norm:g} ({case} the norm)")
+        print("the total norm alone (grad_norm_ vs get_total_norm)" if max_norm is None
+              else f"clip_grad_norm_, max_norm {max_norm:g} ({case} the norm)")
         base = statistics.median(times["torch foreach"])
         for name in names:
             med = statistics.median(times[name])
