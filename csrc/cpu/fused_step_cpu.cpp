@@ -52,7 +52,10 @@ struct GradScalars {
 
 // Elements of one tensor converted at a time: the rule then runs on math values in L1-resident
 // buffers, whatever each role's storage type; a role stored in the math type is used in place.
+// A tensor whose every role is stored in the math type needs no conversion and takes longer
+// blocks, so the per-block setup vanishes.
 constexpr int64_t kBlockElems = 256;
+constexpr int64_t kInPlaceBlockElems = 4096;
 
 template <typename S>
 constexpr Elem math_elem() {
@@ -119,19 +122,28 @@ S* math_view(void* base, Elem e, int64_t begin, int64_t n, S* scratch) {
 // place in the step (it seeds stochastic rounding).
 template <typename Rule, typename S>
 void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, uint32_t roles,
-                const typename Rule::template Coeffs<S>& c, const GradScalars& gs, int64_t seed,
+                const typename Rule::template Coeffs<S>& coeffs, const GradScalars& gs, int64_t seed,
                 double step) {
-  const uint64_t seed_bits = step_seed(seed, step);
   using Vec = at::vec::Vectorized<S>;
   constexpr int64_t W = Vec::size();
   constexpr int kStates = Rule::kStates;
+  // A local copy: stores through the float pointers below cannot alias it, so the compiler keeps
+  // the coefficients in registers instead of reloading them every vector.
+  const typename Rule::template Coeffs<S> c = coeffs;
+  const uint64_t seed_bits = step_seed(seed, step);
+  // Conversion scratch per role, and one block that the roles a group does not use read and write
+  // (its values are never used or stored), so the vector loop has no per-role branches.
   alignas(64) S buf[2 + kStates][kBlockElems];
+  alignas(64) static thread_local S unused_role[kInPlaceBlockElems] = {};
   const Elem math = math_elem<S>();
   const bool param_in_place = s.master_kind == Master::none && s.dtype == math;
   const bool grad_in_place = s.dtype == math;
   const Vec inv_scale(static_cast<S>(gs.inv_scale)), clip_coef(static_cast<S>(gs.clip_coef));
-  for (int64_t b = begin; b < end; b += kBlockElems) {
-    const int64_t n = std::min(kBlockElems, end - b);
+  bool in_place = param_in_place && grad_in_place;
+  for (int k = 0; k < kStates; ++k) in_place = in_place && (!(roles & (1u << k)) || s.state_dtype[k] == math);
+  const int64_t block = in_place ? kInPlaceBlockElems : kBlockElems;
+  for (int64_t b = begin; b < end; b += block) {
+    const int64_t n = std::min(block, end - b);
     S* P;
     if (s.master_kind == Master::full) {
       P = static_cast<S*>(s.master) + b;  // float32 master, updated in place (S is float)
@@ -146,7 +158,7 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
     S* G = math_view(s.grad, s.dtype, b, n, buf[1]);
     S* St[kStates];
     for (int k = 0; k < kStates; ++k) {
-      St[k] = (roles & (1u << k)) ? math_view(s.state[k], s.state_dtype[k], b, n, buf[2 + k]) : nullptr;
+      St[k] = (roles & (1u << k)) ? math_view(s.state[k], s.state_dtype[k], b, n, buf[2 + k]) : unused_role;
     }
     int64_t i = 0;
     for (; i + W <= n; i += W) {
@@ -157,14 +169,10 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
       }
       if (gs.clip) g = g * clip_coef;
       Vec st[kStates];
-      for (int k = 0; k < kStates; ++k) {
-        if (St[k] != nullptr) st[k] = Vec::loadu(St[k] + i);
-      }
+      for (int k = 0; k < kStates; ++k) st[k] = Vec::loadu(St[k] + i);
       Rule::template update<Vec, S>(p, g, st, s.fresh, c);
       p.store(P + i);
-      for (int k = 0; k < kStates; ++k) {
-        if (St[k] != nullptr) st[k].store(St[k] + i);
-      }
+      for (int k = 0; k < kStates; ++k) st[k].store(St[k] + i);
     }
     for (; i < n; ++i) {
       S p = P[i], g = G[i];
@@ -173,15 +181,11 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
         G[i] = g;
       }
       if (gs.clip) g = g * static_cast<S>(gs.clip_coef);
-      S st[kStates] = {};
-      for (int k = 0; k < kStates; ++k) {
-        if (St[k] != nullptr) st[k] = St[k][i];
-      }
+      S st[kStates];
+      for (int k = 0; k < kStates; ++k) st[k] = St[k][i];
       Rule::template update<S, S>(p, g, st, s.fresh, c);
       P[i] = p;
-      for (int k = 0; k < kStates; ++k) {
-        if (St[k] != nullptr) St[k][i] = st[k];
-      }
+      for (int k = 0; k < kStates; ++k) St[k][i] = st[k];
     }
     // Back to storage: the param rounded as asked, converted roles stored.
     if constexpr (std::is_same_v<S, float>) {
@@ -211,7 +215,7 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
     }
     if (gs.unscale && !grad_in_place) store_block(G, s.grad, s.dtype, b, n);
     for (int k = 0; k < kStates; ++k) {
-      if (St[k] != nullptr && s.state_dtype[k] != math) store_block(St[k], s.state[k], s.state_dtype[k], b, n);
+      if ((roles & (1u << k)) && s.state_dtype[k] != math) store_block(St[k], s.state[k], s.state_dtype[k], b, n);
     }
   }
 }
