@@ -456,3 +456,33 @@ def run_half_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=
         assert_half_pair_step(ref, fo, before, dtype, f"{name} {dtype} {device} step {t}")
     return ref, fo
 
+
+
+# --------------------------------------------------------------------------------------------
+# recording the fused op calls
+# --------------------------------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
+
+
+class RecordFusedOps(TorchDispatchMode):
+    """Records every call into the ``fusedopt`` op namespace with cloned (pre-call) arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fusedopt":
+            clone = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            self.calls.append((func, tree_map(clone, args), tree_map(clone, kwargs)))
+        return func(*args, **kwargs)
+
+
+def op_device(args, kwargs):
+    """The device an op call runs on: its params' (CPU-hosted scalars such as the hyper table and
+    step counters do not decide it)."""
+    flat, _ = tree_flatten((args, kwargs))
+    devs = {t.device for t in flat if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
+    return devs.pop() if len(devs) == 1 else torch.device("cpu")

@@ -52,10 +52,10 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from optim_parity_utils import (
+    RecordFusedOps,
+    op_device,
     MagnitudeTracker,
     Side,
     assert_half_pair_step,
@@ -632,26 +632,7 @@ def test_valid_clip_options_are_accepted(name, kwargs):
 # --------------------------------------------------------------------------------------------
 # the fused-op contract: grad_norm_ then step_, once each per device per step; opcheck
 # --------------------------------------------------------------------------------------------
-class RecordFusedOps(TorchDispatchMode):
-    """Records every call into the ``fusedopt`` op namespace with cloned (pre-call) arguments
-    (as tests/optim/test_optim_opcheck.py)."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fusedopt":
-            clone = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self.calls.append((func, tree_map(clone, args), tree_map(clone, kwargs)))
-        return func(*args, **kwargs)
-
-
-def op_device(args, kwargs):
-    flat, _ = tree_flatten((args, kwargs))
-    devs = {t.device for t in flat if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
-    return devs.pop() if len(devs) == 1 else torch.device("cpu")
 
 
 # name, ctor, group-1 hyperparameters, dtype, norm_type, GradScaler

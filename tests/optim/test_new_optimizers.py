@@ -34,10 +34,10 @@ from collections import Counter
 import pytest
 import torch
 from torch.optim import lr_scheduler as L
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from optim_parity_utils import (
+    RecordFusedOps,
     MagnitudeTracker,
     Side,
     copy_hparams,
@@ -1075,19 +1075,6 @@ def test_grad_scaler_with_nan_grad(name, ctor, device):
 
 
 # ============================================================================ fused-op contract
-class RecordFusedOps(TorchDispatchMode):
-    """Records every call into the ``fusedopt`` op namespace with cloned (pre-call) arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fusedopt":
-            clone = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self.calls.append((func, tree_map(clone, args), tree_map(clone, kwargs)))
-        return func(*args, **kwargs)
 
 
 OP_SCENARIOS = {

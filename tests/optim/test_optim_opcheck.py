@@ -18,31 +18,11 @@ from collections import Counter
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
-from optim_parity_utils import assert_close_dtype, build_pair, feed_same_grads, make_gen
-
-
-class RecordFusedOps(TorchDispatchMode):
-    """Records every call into the ``fusedopt`` op namespace with cloned (pre-call) arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fusedopt":
-            clone = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self.calls.append((func, tree_map(clone, args), tree_map(clone, kwargs)))
-        return func(*args, **kwargs)
+from optim_parity_utils import RecordFusedOps, op_device, assert_close_dtype, build_pair, feed_same_grads, make_gen
 
 
-def op_device(args, kwargs):
-    flat, _ = tree_flatten((args, kwargs))
-    devs = {t.device for t in flat if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
-    # CPU-hosted scalars (hyper table, step counters) do not decide the device; params do.
-    return devs.pop() if len(devs) == 1 else torch.device("cpu")
+
 
 
 SCENARIOS = {
