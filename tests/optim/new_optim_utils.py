@@ -14,19 +14,17 @@ import inspect
 
 import torch
 
+from optim_parity_utils import run_half_parity as _run_half_parity
 from optim_parity_utils import (
     MagnitudeTracker,
     Side,
     assert_close_dtype,
     assert_grads_untouched,
-    assert_half_pair_step,
     copy_hparams,
     draw_like,
     feed_same_grads,
-    half_snapshot,
     leaf,
     make_gen,
-    resync_oracle,
     state_of,
     step_value,
     ulp,
@@ -220,20 +218,9 @@ def run_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234,
 
 def run_half_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234):
     """fusedopt on bf16/fp16 params vs the float32 oracle re-synced to fusedopt's state before
-    every step; each step's rounding is compared (optim_parity_utils.assert_half_step_close)."""
-    ref, fo = build_pair(name, group_specs, dtype=dtype, device=device, ctor=ctor, seed=seed, ref_dtype=torch.float32)
-    gen = make_gen(seed + 1)
-    for t in range(1, steps + 1):
-        resync_oracle(ref, fo)
-        before = half_snapshot(fo)
-        for i in before:
-            before[i] = {k: (v.to(torch.float32) if torch.is_tensor(v) else v) for k, v in before[i].items()}
-        grads = feed_same_grads(ref, fo, gen, dtype=dtype, kind="half")
-        ref.step()
-        fo.step()
-        assert_grads_untouched(fo, grads, f"{name} step {t}")
-        assert_half_pair_step(ref, fo, before, dtype, f"{name} {dtype} {device} step {t}")
-    return ref, fo
+    every step (optim_parity_utils.run_half_parity, with this module's pair builder)."""
+    return _run_half_parity(name, group_specs, dtype=dtype, device=device, steps=steps, ctor=ctor,
+                            seed=seed, build=build_pair)
 
 
 # --------------------------------------------------------------------------------------------

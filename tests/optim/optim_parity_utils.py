@@ -440,9 +440,12 @@ def run_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234,
     return ref, fo
 
 
-def run_half_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234):
-    """Half-precision run: fusedopt on fp16/bf16 params, float32 oracle re-synced every step."""
-    ref, fo = build_pair(name, group_specs, dtype=dtype, device=device, ctor=ctor, seed=seed, ref_dtype=torch.float32)
+def run_half_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234, build=None):
+    """Half-precision run: fusedopt on fp16/bf16 params, float32 oracle re-synced every step.
+    ``build``: the pair builder (default ``build_pair``; new_optim_utils passes its own, which
+    knows Lion's oracle)."""
+    ref, fo = (build or build_pair)(name, group_specs, dtype=dtype, device=device, ctor=ctor, seed=seed,
+                                    ref_dtype=torch.float32)
     gen = make_gen(seed + 1)
     for t in range(1, steps + 1):
         resync_oracle(ref, fo)
