@@ -1,5 +1,6 @@
 // CPU implementation of fusedopt::grad_norm_: the total norm of every gradient in one parallel
-// region over the shared work list (work_list.h), accumulated in float64.
+// region over the shared work list (work_list.h), accumulated in float64 (float32 2-norms: float64 across
+// 128-element blocks summed in float, see sumsq_f32).
 //
 // Deterministic: each chunk of the work list reduces its elements in a fixed order into its own
 // slot of a vector indexed by chunk, and the slots are combined serially in chunk order. The chunks
@@ -173,23 +174,43 @@ double chunk_vec_f64(const double* p, int64_t begin, int64_t end, NormKind kind,
   return norm_combine(kind, head, chunk_scalar(p, i, end, kind, 0.0, scaled, inv_f));
 }
 
-// The sum of squares of unscaled float32 grads, the hot case: each 4 floats widened to double
-// straight from memory (no shuffles), four independent float64 FMA chains.
-double sumsq_f32(const float* p, int64_t begin, int64_t end) {
-  __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+// The sum of squares of float32 grads (unscaled by `inv` first when scaled), the hot case, at the speed of a plain read: each
+// 128-element block is summed in float (four FMA chains, each lane adding 4 squares: a relative
+// error of a few float32 ulps on a block, random in sign across blocks) and the block sums are
+// accumulated in float64. Widening every element to double instead made this pass compute-bound
+// (about 20% slower on 2 cores).
+double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float inv_f) {
+  constexpr int64_t kBlock = 128;
+  constexpr int64_t kPrefetchAhead = 1024;  // 4 KB ahead: measured 3-5% faster than none or 512
+  const __m256 inv = _mm256_set1_ps(inv_f);
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0;
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(p + i));
-    const __m256d b = _mm256_cvtps_pd(_mm_loadu_ps(p + i + 4));
-    const __m256d c = _mm256_cvtps_pd(_mm_loadu_ps(p + i + 8));
-    const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(p + i + 12));
-    s0 = _mm256_fmadd_pd(a, a, s0);
-    s1 = _mm256_fmadd_pd(b, b, s1);
-    s2 = _mm256_fmadd_pd(c, c, s2);
-    s3 = _mm256_fmadd_pd(d, d, s3);
+  for (; i + kBlock <= end; i += kBlock) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t k = 0; k < kBlock; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + k + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + k + kPrefetchAhead + 16), _MM_HINT_T0);
+      __m256 a = _mm256_loadu_ps(p + i + k);
+      __m256 b = _mm256_loadu_ps(p + i + k + 8);
+      __m256 c = _mm256_loadu_ps(p + i + k + 16);
+      __m256 d = _mm256_loadu_ps(p + i + k + 24);
+      if (scaled) {  // the float product GradScaler.unscale_ would store
+        a = _mm256_mul_ps(a, inv);
+        b = _mm256_mul_ps(b, inv);
+        c = _mm256_mul_ps(c, inv);
+        d = _mm256_mul_ps(d, inv);
+      }
+      f0 = _mm256_fmadd_ps(a, a, f0);
+      f1 = _mm256_fmadd_ps(b, b, f1);
+      f2 = _mm256_fmadd_ps(c, c, f2);
+      f3 = _mm256_fmadd_ps(d, d, f3);
+    }
+    const __m256 f = _mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3));
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
   }
-  const double head = hsum(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
-  return head + chunk_scalar(p, i, end, NormKind::two, 0.0, false, 1.0f);
+  const double head = hsum(_mm256_add_pd(s0, s1));
+  return head + chunk_scalar(p, i, end, NormKind::two, 0.0, scaled, inv_f);
 }
 #endif
 
@@ -198,7 +219,7 @@ double chunk_partial(const T* p, int64_t begin, int64_t end, NormKind kind, doub
                      float inv) {
 #if defined(FUSEDOPT_CPU_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    if (kind == NormKind::two && !scaled) return sumsq_f32(p, begin, end);
+    if (kind == NormKind::two) return sumsq_f32(p, begin, end, scaled, inv);
   }
   if (kind != NormKind::p) {
     if constexpr (std::is_same_v<T, double>) {
