@@ -108,7 +108,9 @@ def extensions_and_cmdclass():
     if avx2 is None:
         avx2 = _cpu_has_avx2()
 
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: no a * b + c fused behind our back. The rules mirror torch's separate
+    # multiplies and adds, and the vector loop and its scalar tail must round the same way.
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     define_macros = []
     # at::vec picks its instruction set from CPU_CAPABILITY; symbols stay hidden in our .so,
     # so these inline copies never interpose on torch's own.

@@ -8,7 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <type_traits>
+
+#if defined(FUSEDOPT_CPU_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace fusedopt {
 // at::vec overloads of the helpers the shared update rules call; they must be declared
@@ -118,6 +123,223 @@ S* math_view(void* base, Elem e, int64_t begin, int64_t n, S* scratch) {
   return scratch;
 }
 
+#if defined(FUSEDOPT_CPU_AVX2)
+using VecF = at::vec::Vectorized<float>;
+
+// A storage type fixed at compile time, or kDynamic: the one passed at run time. The register
+// path is instantiated for the common role layouts, where the conversions then have no branches.
+constexpr int kDynamic = -1;
+
+// 8 elements of a float32 / float16 / bfloat16 role as a float vector, converted in registers
+// (the block path below converts through L1 buffers instead). One vector at a time keeps the
+// update's values and coefficients in the 16 AVX2 registers.
+template <int E>
+C10_ALWAYS_INLINE VecF load8(const void* base, Elem dynamic, int64_t i) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) return VecF::loadu(static_cast<const float*>(base) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+  if (e == Elem::bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+// Stores 8 elements, rounded to nearest even with the instructions at::vec::convert uses, so
+// the bits equal the block path's.
+template <int E>
+C10_ALWAYS_INLINE void store8(void* base, Elem dynamic, int64_t i, const VecF& v) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    v.store(static_cast<float*>(base) + i);
+    return;
+  }
+  auto* out = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i);
+  if (e == Elem::bf16) {
+    _mm_storeu_si128(out, at::vec::cvtfp32_bf16(v));
+  } else {
+    _mm_storeu_si128(out, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+// 16 elements as two float vectors, and back: one 32-byte load or store per 16-bit role, and
+// one pack for both halves.
+template <int E>
+C10_ALWAYS_INLINE void load16(const void* base, Elem dynamic, int64_t i, VecF& a, VecF& b) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    a = VecF::loadu(static_cast<const float*>(base) + i);
+    b = VecF::loadu(static_cast<const float*>(base) + i + 8);
+    return;
+  }
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  const __m128i lo = _mm256_castsi256_si128(h), hi = _mm256_extracti128_si256(h, 1);
+  if (e == Elem::bf16) {
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16));
+  } else {
+    a = _mm256_cvtph_ps(lo);
+    b = _mm256_cvtph_ps(hi);
+  }
+}
+
+template <int E>
+C10_ALWAYS_INLINE void store16(void* base, Elem dynamic, int64_t i, const VecF& a, const VecF& b) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    a.store(static_cast<float*>(base) + i);
+    b.store(static_cast<float*>(base) + i + 8);
+    return;
+  }
+  auto* out = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i);
+  if (e == Elem::bf16) {
+    _mm256_storeu_si256(out, at::vec::cvtfp32_bf16(a, b));
+  } else {
+    _mm256_storeu_si256(out, _mm256_set_m128i(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT),
+                                              _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)));
+  }
+}
+
+// bf16_bits_nearest_away (precision.h) of 8 floats, stored.
+C10_ALWAYS_INLINE void store8_bf16_nearest_away(void* base, int64_t i, const VecF& v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i away = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x8000)), 16);
+  const __m256i bits = _mm256_blendv_epi8(away, quiet, nan);
+  // packus interleaves 128-bit lanes: the permute puts the 8 results in the low half, in order
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
+                   _mm256_castsi256_si128(packed));
+}
+
+// Whether the register path below can take a float-math tensor: every role float32, float16 or
+// bfloat16, the param stored from the math value to nearest (no remainders, no stochastic
+// rounding), and some role stored in 16 bits (all-float32 tensors take the in-place block path).
+inline bool register_path_fits(const TensorSlot& s, uint32_t roles, int kStates, bool stochastic) {
+  if (s.dtype == Elem::f64 || s.master_kind == Master::remainder) return false;
+  if (stochastic && s.master_kind == Master::none && s.dtype == Elem::bf16) return false;
+  bool narrow = s.dtype != Elem::f32;
+  for (int k = 0; k < kStates; ++k) {
+    if (!(roles & (1u << k))) continue;
+    if (s.state_dtype[k] == Elem::f64) return false;
+    narrow = narrow || s.state_dtype[k] != Elem::f32;
+  }
+  return narrow;
+}
+
+// The elements [begin, end) of a float-math tensor 8 at a time, every role converted in
+// registers; returns where it stopped (the block path takes the tail). The same operations in
+// the same order as the block path, so the results are the same bits. GE: the grad's (and the
+// param's) storage type; SE: every used state's; MASTER: 1 with a float32 master, 0 without
+// (each may be kDynamic).
+template <typename Rule, int GE, int SE, int MASTER>
+int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
+                       const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
+  constexpr int kStates = Rule::kStates;
+  constexpr int64_t W = VecF::size();
+  const bool master = MASTER == kDynamic ? s.master_kind == Master::full : MASTER == 1;
+  void* const pbase = master ? s.master : s.param;
+  const Elem pe = master ? Elem::f32 : s.dtype;
+  // the param's type inside the loop: float32 with a master, else the grad's
+  constexpr int PE = MASTER == 1 ? static_cast<int>(Elem::f32) : (MASTER == 0 ? GE : kDynamic);
+  const VecF inv_scale(gs.inv_scale), clip_coef(gs.clip_coef);
+  int64_t i = begin;
+  // 16 elements a turn: two independent updates in flight, 16-bit roles moved 32 bytes at a time.
+  // Only for rules with at most one state: Adam's two updates need more than the 16 registers
+  // and measured slower this way than one vector a turn.
+  constexpr bool kPairs = Rule::kStates <= 1;
+  for (; kPairs && i + 2 * W <= end; i += 2 * W) {
+    VecF p[2], g[2];
+    load16<PE>(pbase, pe, i, p[0], p[1]);
+    load16<GE>(s.grad, s.dtype, i, g[0], g[1]);
+    if (gs.unscale) {
+      g[0] = g[0] * inv_scale;
+      g[1] = g[1] * inv_scale;
+      store16<GE>(s.grad, s.dtype, i, g[0], g[1]);
+    }
+    if (gs.clip) {
+      g[0] = g[0] * clip_coef;
+      g[1] = g[1] * clip_coef;
+    }
+    VecF st[2][kStates > 0 ? kStates : 1];
+    for (int k = 0; k < kStates; ++k) {
+      if (roles & (1u << k)) {
+        load16<SE>(s.state[k], s.state_dtype[k], i, st[0][k], st[1][k]);
+      } else {
+        st[0][k] = st[1][k] = VecF(0.0f);
+      }
+    }
+    Rule::template update<VecF, float>(p[0], g[0], st[0], s.fresh, c);
+    Rule::template update<VecF, float>(p[1], g[1], st[1], s.fresh, c);
+    store16<PE>(pbase, pe, i, p[0], p[1]);
+    if (master) {
+      if (s.dtype == Elem::bf16) {
+        store8_bf16_nearest_away(s.param, i, p[0]);
+        store8_bf16_nearest_away(s.param, i + W, p[1]);
+      } else if (s.dtype != Elem::f32) {
+        store16<GE>(s.param, s.dtype, i, p[0], p[1]);
+      }
+    }
+    for (int k = 0; k < kStates; ++k) {
+      if (roles & (1u << k)) store16<SE>(s.state[k], s.state_dtype[k], i, st[0][k], st[1][k]);
+    }
+  }
+  for (; i + W <= end; i += W) {
+    VecF p = load8<PE>(pbase, pe, i), g = load8<GE>(s.grad, s.dtype, i);
+    if (gs.unscale) {
+      g = g * inv_scale;
+      store8<GE>(s.grad, s.dtype, i, g);
+    }
+    if (gs.clip) g = g * clip_coef;
+    VecF st[kStates > 0 ? kStates : 1];
+    for (int k = 0; k < kStates; ++k) {
+      // a role the group does not use reads zeros and is never stored
+      st[k] = (roles & (1u << k)) ? load8<SE>(s.state[k], s.state_dtype[k], i) : VecF(0.0f);
+    }
+    Rule::template update<VecF, float>(p, g, st, s.fresh, c);
+    store8<PE>(pbase, pe, i, p);
+    if (master) {
+      if (s.dtype == Elem::bf16) {
+        store8_bf16_nearest_away(s.param, i, p);
+      } else if (s.dtype != Elem::f32) {
+        store8<GE>(s.param, s.dtype, i, p);  // float16: to nearest even
+      }
+    }
+    for (int k = 0; k < kStates; ++k) {
+      if (roles & (1u << k)) store8<SE>(s.state[k], s.state_dtype[k], i, st[k]);
+    }
+  }
+  return i;
+}
+
+// The register path for a tensor: a branch-free instantiation for the common layouts (16-bit
+// params with states in their dtype, or with a float32 master and float32 states; float32 params
+// with bfloat16 states), the dynamic one for the rest.
+template <typename Rule>
+int64_t rule_registers_any(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
+                           const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
+  constexpr int f32 = static_cast<int>(Elem::f32), bf16 = static_cast<int>(Elem::bf16),
+                f16 = static_cast<int>(Elem::f16);
+  bool same = true;  // every used state in one type, `state`
+  Elem state = s.dtype;
+  bool first = true;
+  for (int k = 0; k < Rule::kStates; ++k) {
+    if (!(roles & (1u << k))) continue;
+    if (first) state = s.state_dtype[k];
+    same = same && s.state_dtype[k] == state;
+    first = false;
+  }
+  const bool master = s.master_kind == Master::full;
+  if (same) {
+    if (!master && s.dtype == Elem::bf16 && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, 0>(s, begin, end, roles, c, gs);
+    if (!master && s.dtype == Elem::f16 && state == Elem::f16) return rule_registers<Rule, f16, f16, 0>(s, begin, end, roles, c, gs);
+    if (master && s.dtype == Elem::bf16 && state == Elem::f32) return rule_registers<Rule, bf16, f32, 1>(s, begin, end, roles, c, gs);
+    if (master && s.dtype == Elem::f16 && state == Elem::f32) return rule_registers<Rule, f16, f32, 1>(s, begin, end, roles, c, gs);
+    if (!master && s.dtype == Elem::f32 && state == Elem::bf16) return rule_registers<Rule, f32, bf16, 0>(s, begin, end, roles, c, gs);
+  }
+  return rule_registers<Rule, kDynamic, kDynamic, kDynamic>(s, begin, end, roles, c, gs);
+}
+#endif
+
 // One tensor's elements [begin, end) through rule `Rule` in math type S. `index`: the tensor's
 // place in the step (it seeds stochastic rounding).
 template <typename Rule, typename S>
@@ -142,6 +364,13 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
   bool in_place = param_in_place && grad_in_place;
   for (int k = 0; k < kStates; ++k) in_place = in_place && (!(roles & (1u << k)) || s.state_dtype[k] == math);
   const int64_t block = in_place ? kInPlaceBlockElems : kBlockElems;
+#if defined(FUSEDOPT_CPU_AVX2)
+  if constexpr (std::is_same_v<S, float>) {
+    if (!in_place && register_path_fits(s, roles, kStates, seed >= 0)) {
+      begin = rule_registers_any<Rule>(s, begin, end, roles, c, gs);
+    }
+  }
+#endif
   for (int64_t b = begin; b < end; b += block) {
     const int64_t n = std::min(block, end - b);
     S* P;
