@@ -226,14 +226,32 @@ inline bool register_path_fits(const TensorSlot& s, uint32_t roles, int kStates,
   return narrow;
 }
 
-// The elements [begin, end) of a float-math tensor 8 at a time, every role converted in
-// registers; returns where it stopped (the block path takes the tail). The same operations in
-// the same order as the block path, so the results are the same bits. GE: the grad's (and the
-// param's) storage type; SE: every used state's; MASTER: 1 with a float32 master, 0 without
-// (each may be kDynamic).
-template <typename Rule, int GE, int SE, int MASTER>
-int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
-                       const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
+// N (1 or 2) vectors of a role: 8 or 16 elements, 16-bit roles moved 16 or 32 bytes at a time.
+template <int E, int N>
+C10_ALWAYS_INLINE void load_n(const void* base, Elem dynamic, int64_t i, VecF* v) {
+  if constexpr (N == 2) {
+    load16<E>(base, dynamic, i, v[0], v[1]);
+  } else {
+    v[0] = load8<E>(base, dynamic, i);
+  }
+}
+
+template <int E, int N>
+C10_ALWAYS_INLINE void store_n(void* base, Elem dynamic, int64_t i, const VecF* v) {
+  if constexpr (N == 2) {
+    store16<E>(base, dynamic, i, v[0], v[1]);
+  } else {
+    store8<E>(base, dynamic, i, v[0]);
+  }
+}
+
+// The elements [begin, end) of a float-math tensor N vectors a turn, every role converted in
+// registers; returns where it stopped. The same operations in the same order as the block path,
+// so the results are the same bits. GE: the grad's (and the param's) storage type; SE: every used
+// state's; MASTER: 1 with a float32 master, 0 without (each may be kDynamic).
+template <typename Rule, int GE, int SE, int MASTER, int N>
+int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
+                          const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
   constexpr int kStates = Rule::kStates;
   constexpr int64_t W = VecF::size();
   const bool master = MASTER == kDynamic ? s.master_kind == Master::full : MASTER == 1;
@@ -243,72 +261,55 @@ int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t
   constexpr int PE = MASTER == 1 ? static_cast<int>(Elem::f32) : (MASTER == 0 ? GE : kDynamic);
   const VecF inv_scale(gs.inv_scale), clip_coef(gs.clip_coef);
   int64_t i = begin;
-  // 16 elements a turn: two independent updates in flight, 16-bit roles moved 32 bytes at a time.
-  // Only for rules with at most one state: Adam's two updates need more than the 16 registers
-  // and measured slower this way than one vector a turn.
-  constexpr bool kPairs = Rule::kStates <= 1;
-  for (; kPairs && i + 2 * W <= end; i += 2 * W) {
-    VecF p[2], g[2];
-    load16<PE>(pbase, pe, i, p[0], p[1]);
-    load16<GE>(s.grad, s.dtype, i, g[0], g[1]);
+  for (; i + N * W <= end; i += N * W) {
+    VecF p[N], g[N], st[N][kStates > 0 ? kStates : 1];
+    load_n<PE, N>(pbase, pe, i, p);
+    load_n<GE, N>(s.grad, s.dtype, i, g);
     if (gs.unscale) {
-      g[0] = g[0] * inv_scale;
-      g[1] = g[1] * inv_scale;
-      store16<GE>(s.grad, s.dtype, i, g[0], g[1]);
+      for (int h = 0; h < N; ++h) g[h] = g[h] * inv_scale;
+      store_n<GE, N>(s.grad, s.dtype, i, g);
     }
     if (gs.clip) {
-      g[0] = g[0] * clip_coef;
-      g[1] = g[1] * clip_coef;
+      for (int h = 0; h < N; ++h) g[h] = g[h] * clip_coef;
     }
-    VecF st[2][kStates > 0 ? kStates : 1];
     for (int k = 0; k < kStates; ++k) {
+      VecF v[N];
       if (roles & (1u << k)) {
-        load16<SE>(s.state[k], s.state_dtype[k], i, st[0][k], st[1][k]);
+        load_n<SE, N>(s.state[k], s.state_dtype[k], i, v);
       } else {
-        st[0][k] = st[1][k] = VecF(0.0f);
+        for (int h = 0; h < N; ++h) v[h] = VecF(0.0f);  // an unused role: never stored
       }
+      for (int h = 0; h < N; ++h) st[h][k] = v[h];
     }
-    Rule::template update<VecF, float>(p[0], g[0], st[0], s.fresh, c);
-    Rule::template update<VecF, float>(p[1], g[1], st[1], s.fresh, c);
-    store16<PE>(pbase, pe, i, p[0], p[1]);
+    for (int h = 0; h < N; ++h) Rule::template update<VecF, float>(p[h], g[h], st[h], s.fresh, c);
+    store_n<PE, N>(pbase, pe, i, p);
     if (master) {
       if (s.dtype == Elem::bf16) {
-        store8_bf16_nearest_away(s.param, i, p[0]);
-        store8_bf16_nearest_away(s.param, i + W, p[1]);
+        for (int h = 0; h < N; ++h) store8_bf16_nearest_away(s.param, i + h * W, p[h]);
       } else if (s.dtype != Elem::f32) {
-        store16<GE>(s.param, s.dtype, i, p[0], p[1]);
+        store_n<GE, N>(s.param, s.dtype, i, p);  // float16: to nearest even
       }
     }
     for (int k = 0; k < kStates; ++k) {
-      if (roles & (1u << k)) store16<SE>(s.state[k], s.state_dtype[k], i, st[0][k], st[1][k]);
-    }
-  }
-  for (; i + W <= end; i += W) {
-    VecF p = load8<PE>(pbase, pe, i), g = load8<GE>(s.grad, s.dtype, i);
-    if (gs.unscale) {
-      g = g * inv_scale;
-      store8<GE>(s.grad, s.dtype, i, g);
-    }
-    if (gs.clip) g = g * clip_coef;
-    VecF st[kStates > 0 ? kStates : 1];
-    for (int k = 0; k < kStates; ++k) {
-      // a role the group does not use reads zeros and is never stored
-      st[k] = (roles & (1u << k)) ? load8<SE>(s.state[k], s.state_dtype[k], i) : VecF(0.0f);
-    }
-    Rule::template update<VecF, float>(p, g, st, s.fresh, c);
-    store8<PE>(pbase, pe, i, p);
-    if (master) {
-      if (s.dtype == Elem::bf16) {
-        store8_bf16_nearest_away(s.param, i, p);
-      } else if (s.dtype != Elem::f32) {
-        store8<GE>(s.param, s.dtype, i, p);  // float16: to nearest even
-      }
-    }
-    for (int k = 0; k < kStates; ++k) {
-      if (roles & (1u << k)) store8<SE>(s.state[k], s.state_dtype[k], i, st[k]);
+      if (!(roles & (1u << k))) continue;
+      VecF v[N];
+      for (int h = 0; h < N; ++h) v[h] = st[h][k];
+      store_n<SE, N>(s.state[k], s.state_dtype[k], i, v);
     }
   }
   return i;
+}
+
+// Two vectors a turn (two independent updates in flight) for rules with at most one state, then
+// one: Adam's two updates need more than the 16 registers and measured slower paired. The block
+// path takes what is left.
+template <typename Rule, int GE, int SE, int MASTER>
+int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
+                       const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
+  if constexpr (Rule::kStates <= 1) {
+    begin = rule_registers_by<Rule, GE, SE, MASTER, 2>(s, begin, end, roles, c, gs);
+  }
+  return rule_registers_by<Rule, GE, SE, MASTER, 1>(s, begin, end, roles, c, gs);
 }
 
 // The register path for a tensor: a branch-free instantiation for the common layouts (16-bit
