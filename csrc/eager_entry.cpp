@@ -1,13 +1,17 @@
-// The eager fast path from Python into the fused ops.
+// The eager fast paths from Python into the fused step.
 //
 // torch.ops.fusedopt.* boxes every list element into an IValue, walks the boxed autograd
 // fallback, then unboxes into fresh vectors, and the caller must first build those lists in
-// Python: with 10,000 params that costs more than the update. These entry points take the
-// optimizer's cached plan (params and their state dicts), read grads and state tensors here,
-// and make the same typed, unboxed dispatcher call below the autograd keys (the step runs
-// under no_grad and defines no gradient), so the dispatcher still picks the CPU or CUDA kernel.
+// Python: with 10,000 params that costs more than the update. Two entries avoid that:
+// - StepPlan: for plain params whose state dicts the optimizer tracks. Validated once, it keeps
+//   the step's table and, per step, re-reads only the grads and the params' storage before
+//   calling its device's kernel (the backend's registered StepRunner).
+// - plan_step: for the rest (DTensor params, untracked state dicts): reads grads and state
+//   tensors from the plan's lists at every step and makes the typed, unboxed dispatcher call
+//   below the autograd keys (the step runs under no_grad and defines no gradient).
 // torch.compile, tensor subclasses and complex params keep going through torch.ops.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,9 +19,10 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "step_args.h"  // rule_by_name
+#include "step_args.h"
 #include "update_rules.h"
 
 namespace py = pybind11;
@@ -48,39 +53,21 @@ using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::Tenso
                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                      int64_t);
 
-// Tensors borrowed from Python objects for the length of one call: no refcount traffic (in
-// torch 2.14 the first C++ reference to a Python-owned tensor also increfs its PyObject),
-// released without a decref, exactly as c10::MaybeOwned borrows. The GIL stays held for the
-// call, so nothing the borrows point at can be freed underneath them.
-class Borrowed {
- public:
-  explicit Borrowed(size_t reserve = 0) { v_.reserve(reserve); }
-  Borrowed(const Borrowed&) = delete;
-  Borrowed& operator=(const Borrowed&) = delete;
-  ~Borrowed() {
-    for (auto& t : v_) t.unsafeReleaseTensorImpl();
-  }
-  void push(const at::Tensor& t) {
-    v_.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(
-        t.unsafeGetTensorImpl()));
-  }
-  void push_list(py::handle list, const char* what) {
-    PyObject* o = list.ptr();
-    if (!PyList_Check(o)) throw py::type_error(std::string(what) + " must be a list of tensors");
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); ++i) {
-      PyObject* item = PyList_GET_ITEM(o, i);
-      if (!THPVariable_Check(item)) {
-        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
-      }
-      push(THPVariable_Unpack(item));
+// The tensors of a Python list, as owning references (the step holds them for one call).
+std::vector<at::Tensor> tensor_list(py::handle list, const char* what) {
+  PyObject* o = list.ptr();
+  if (!PyList_Check(o)) throw py::type_error(std::string(what) + " must be a list of tensors");
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(PyList_GET_SIZE(o)));
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); ++i) {
+    PyObject* item = PyList_GET_ITEM(o, i);
+    if (!THPVariable_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
     }
+    out.push_back(THPVariable_Unpack(item));
   }
-  operator at::TensorList() const { return v_; }
-  const at::Tensor& back() const { return v_.back(); }
-
- private:
-  std::vector<at::Tensor> v_;
-};
+  return out;
+}
 
 // Reads what one op call needs straight from the plan: each param's .grad and its state
 // dict's tensors. Returns false, having changed nothing, when a param has no grad or a state
@@ -105,21 +92,25 @@ class PlanReader {
   }
   Py_ssize_t size() const { return PyList_GET_SIZE(params_); }
 
+  at::Tensor param(Py_ssize_t i) const {
+    return tensor(PyList_GET_ITEM(params_, i), ("params[" + std::to_string(i) + "]").c_str());
+  }
+
   // false: no grad
-  bool param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
+  bool param_and_grad(Py_ssize_t i, std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads) {
     if (owners_ != nullptr) return local_param_and_grad(i, params, grads);
     PyObject* p = PyList_GET_ITEM(params_, i);
     if (!THPVariable_Check(p)) throw py::type_error("params[" + std::to_string(i) + "] is not a tensor");
     const at::Tensor& t = THPVariable_Unpack(p);
     const at::Tensor& g = t.grad();
     if (!g.defined()) return false;
-    params.push(t);
-    grads.push(g);
+    params.push_back(t);
+    grads.push_back(g);
     return true;
   }
   // DTensor params: false when the shard was replaced, there is no grad, or the grad is not
   // laid out by the param's own spec object.
-  bool local_param_and_grad(Py_ssize_t i, Borrowed& params, Borrowed& grads) {
+  bool local_param_and_grad(Py_ssize_t i, std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads) {
     static PyObject* const k_local = PyUnicode_InternFromString("_local_tensor");
     static PyObject* const k_spec = PyUnicode_InternFromString("_spec");
     PyObject* owner = PyList_GET_ITEM(owners_, i);
@@ -135,17 +126,17 @@ class PlanReader {
     if (!grad_spec || grad_spec.ptr() != spec.ptr()) return false;
     const py::object grad_local = attr(grad.ptr(), k_local);
     if (!grad_local || !THPVariable_Check(grad_local.ptr())) return false;
-    params.push(THPVariable_Unpack(local));
-    grads.push(THPVariable_Unpack(grad_local.ptr()));
+    params.push_back(THPVariable_Unpack(local));
+    grads.push_back(THPVariable_Unpack(grad_local.ptr()));
     return true;
   }
 
   // false: the key is missing (or holds no tensor)
-  bool state(Py_ssize_t i, PyObject* key, Borrowed& out) {
+  bool state(Py_ssize_t i, PyObject* key, std::vector<at::Tensor>& out) {
     PyObject* d = PyList_GET_ITEM(states_, i);
     PyObject* v = PyDict_Check(d) ? PyDict_GetItem(d, key) : nullptr;  // borrowed
     if (v == nullptr || !THPVariable_Check(v)) return false;
-    out.push(THPVariable_Unpack(v));
+    out.push_back(THPVariable_Unpack(v));
     return true;
   }
 
@@ -170,12 +161,12 @@ struct GroupArgs {
         grad_scale(optional_tensor(grad_scale_, "grad_scale")),
         found_inf(optional_tensor(found_inf_, "found_inf")),
         schedule(optional_tensor(schedule_, "schedule")) {
-    lrs.push_list(lr_tensors, "lr_tensors");
-    schedule_state.push_list(schedule_state_, "schedule_state");
+    lrs = tensor_list(lr_tensors, "lr_tensors");
+    schedule_state = tensor_list(schedule_state_, "schedule_state");
   }
   at::Tensor hyper;
   std::optional<at::Tensor> grad_scale, found_inf, schedule;
-  Borrowed lrs, schedule_state;
+  std::vector<at::Tensor> lrs, schedule_state;
 };
 
 PyObject* interned(const char* s) {
@@ -209,8 +200,66 @@ bool is_16bit(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// torch.ops.fusedopt.step_ on a plan: each param's grad, its state tensors (the roles its group
-// uses, by the rule's state-dict keys), its master and step counter are read here.
+// The state roles each group uses (bit k: role k), from its row of the hyper table.
+std::vector<uint32_t> group_roles(RuleId id, const at::Tensor& hyper, size_t groups) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
+                  hyper.is_contiguous() && hyper.size(0) == static_cast<int64_t>(groups),
+              "fusedopt: hyper must be a contiguous float64 CPU table with a row per group");
+  const double* rows = hyper.data_ptr<double>();
+  const int64_t cols = hyper.size(1);
+  std::vector<uint32_t> roles(groups);
+  for (size_t g = 0; g < groups; ++g) {
+    roles[g] = visit_rule(id, [&](auto r) { return role_mask<decltype(r)>(rows + g * cols); });
+  }
+  return roles;
+}
+
+// What a step reads of a plan's state dicts, in the op's order: each param's state tensors
+// (the roles its group uses), the masters of its 16-bit params, its step counters.
+struct PlanTensors {
+  std::vector<at::Tensor> params, grads, states, masters, steps;
+};
+
+// Reads params (with their grads, unless `with_grads` is false) and state tensors from a plan.
+// False, with `out` incomplete: a param has no grad or a state entry is missing (stale plan).
+bool read_plan(RuleId id, PlanReader& plan, const std::vector<int64_t>& group_sizes,
+               const std::vector<uint32_t>& roles, int64_t master_mode, bool with_grads,
+               PlanTensors& out) {
+  static PyObject* const k_step = interned("step");
+  static PyObject* const k_master = interned("master_param");
+  static PyObject* const k_remainder = interned("master_remainder");
+  const RuleKeys& keys = rule_keys(id);
+  PyObject* const master_key = master_mode == 1 ? k_master : (master_mode == 2 ? k_remainder : nullptr);
+  const auto n = static_cast<size_t>(plan.size());
+  out.params.reserve(n);
+  out.grads.reserve(n);
+  out.states.reserve(n * static_cast<size_t>(keys.num_roles));
+  out.steps.reserve(keys.has_step ? n : 0);
+  size_t group = 0;
+  int64_t left = group_sizes.empty() ? 0 : group_sizes[0];
+  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
+    while (left == 0 && group + 1 < group_sizes.size()) left = group_sizes[++group];
+    --left;
+    if (with_grads) {
+      if (!plan.param_and_grad(i, out.params, out.grads)) return false;
+    } else {
+      out.params.push_back(plan.param(i));
+    }
+    const uint32_t r = roles[group];
+    for (int k = 0; k < keys.num_roles; ++k) {
+      if ((r & (1u << k)) && !plan.state(i, keys.roles[k], out.states)) return false;
+    }
+    if (master_key != nullptr && is_16bit(out.params.back()) && !plan.state(i, master_key, out.masters)) {
+      return false;
+    }
+    if (keys.has_step && !plan.state(i, k_step, out.steps)) return false;
+  }
+  return true;
+}
+
+// torch.ops.fusedopt.step_ on a plan whose tensors are read anew at every step: each param's
+// grad, its state tensors (by the rule's state-dict keys), its master and step counter. For
+// DTensor params and state dicts the optimizer does not track (StepPlan below needs them).
 bool plan_step(const std::string& rule, py::handle params, py::handle states,
                const std::vector<int64_t>& group_sizes, py::handle hyper, py::handle lr_tensors,
                const std::vector<int64_t>& fresh, py::handle grad_scale, py::handle found_inf,
@@ -219,43 +268,111 @@ bool plan_step(const std::string& rule, py::handle params, py::handle states,
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedopt::step_", "")
                              .typed<StepSig>();
-  static PyObject* const k_step = interned("step");
-  static PyObject* const k_master = interned("master_param");
-  static PyObject* const k_remainder = interned("master_remainder");
   const RuleId id = rule_by_name("fusedopt.plan_step", rule);
-  const RuleKeys& keys = rule_keys(id);
   const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
-  TORCH_CHECK(a.hyper.device().is_cpu() && a.hyper.scalar_type() == at::kDouble && a.hyper.dim() == 2 &&
-                  a.hyper.is_contiguous() && a.hyper.size(0) == static_cast<int64_t>(group_sizes.size()),
-              "fusedopt.plan_step: hyper must be a contiguous float64 CPU table with a row per group");
-  const double* rows = a.hyper.data_ptr<double>();
-  const int64_t cols = a.hyper.size(1);
-  std::vector<uint32_t> group_roles(group_sizes.size());
-  for (size_t g = 0; g < group_sizes.size(); ++g) {
-    group_roles[g] = visit_rule(id, [&](auto r) { return role_mask<decltype(r)>(rows + g * cols); });
-  }
-  PyObject* const master_key = master_mode == 1 ? k_master : (master_mode == 2 ? k_remainder : nullptr);
   PlanReader plan(params, states, owners);
-  const auto n = static_cast<size_t>(plan.size());
-  Borrowed p(n), g(n), st(n * static_cast<size_t>(keys.num_roles)), m, steps(keys.has_step ? n : 0);
-  size_t group = 0;
-  int64_t left = group_sizes.empty() ? 0 : group_sizes[0];
-  for (Py_ssize_t i = 0; i < plan.size(); ++i) {
-    while (left == 0 && group + 1 < group_sizes.size()) left = group_sizes[++group];
-    --left;
-    if (!plan.param_and_grad(i, p, g)) return false;
-    const uint32_t roles = group_roles[group];
-    for (int k = 0; k < keys.num_roles; ++k) {
-      if ((roles & (1u << k)) && !plan.state(i, keys.roles[k], st)) return false;
-    }
-    if (master_key != nullptr && is_16bit(p.back()) && !plan.state(i, master_key, m)) return false;
-    if (keys.has_step && !plan.state(i, k_step, steps)) return false;
+  PlanTensors t;
+  if (!read_plan(id, plan, group_sizes, group_roles(id, a.hyper, group_sizes.size()), master_mode,
+                 /*with_grads=*/true, t)) {
+    return false;
   }
   const std::optional<at::Tensor> clip_t = optional_tensor(clip, "clip");
   BelowAutograd below;
-  op.call(rule, p, g, st, m, steps, group_sizes, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
-          a.schedule_state, a.schedule, clip_t, master_mode, seed);
+  op.call(rule, t.params, t.grads, t.states, t.masters, t.steps, group_sizes, a.hyper, a.lrs, fresh,
+          a.grad_scale, a.found_inf, a.schedule_state, a.schedule, clip_t, master_mode, seed);
   return true;
+}
+
+// A plan of plain params whose state dicts the optimizer tracks (any edit to them rebuilds the
+// plan on the Python side), validated once and kept as a table (StepArgs). Each step reads only
+// what can change without such an edit: every param's grad and storage, checked against the
+// table with grad_fits. Anything that does not fit (a grad of another dtype, shape, layout or
+// device, a param given new data) makes the step validate everything again, exactly as the op
+// does, raising the op's errors or refreshing the table. The step calls its device's kernel
+// directly (the op's own backend code, registered as a StepRunner).
+class StepPlan {
+ public:
+  StepPlan(RuleId id, std::string rule, PlanTensors tensors, std::vector<int64_t> group_sizes,
+           std::vector<uint32_t> roles, int64_t master_mode)
+      : id_(id), rule_(std::move(rule)), t_(std::move(tensors)),
+        group_sizes_(std::move(group_sizes)), roles_(std::move(roles)), master_mode_(master_mode) {
+    const c10::DeviceType type = t_.params.empty() ? c10::DeviceType::CPU : t_.params[0].device().type();
+    run_ = step_runner(type);
+    TORCH_CHECK(run_ != nullptr, "fusedopt: no fused step for params on ", c10::DeviceTypeName(type));
+  }
+
+  // False, having changed nothing: a param lost its grad or a group now uses other state roles.
+  bool step(py::handle hyper, py::handle lr_tensors, const std::vector<int64_t>& fresh,
+            py::handle grad_scale, py::handle found_inf, py::handle schedule_state,
+            py::handle schedule, py::handle clip, int64_t seed) {
+    const char* op = "fusedopt::step_";
+    RECORD_FUNCTION(op, std::vector<c10::IValue>());
+    const GroupArgs a(hyper, lr_tensors, grad_scale, found_inf, schedule_state, schedule);
+    const std::optional<at::Tensor> clip_t = optional_tensor(clip, "clip");
+    if (group_roles(id_, a.hyper, group_sizes_.size()) != roles_) return false;
+    const size_t n = t_.params.size();
+    bool fits = valid_;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& g = t_.params[i].grad();
+      if (!g.defined()) return false;
+      if (!fits) continue;
+      TensorSlot& s = table_.tensors[i];
+      if (grad_fits(g, t_.params[i], s, table_.device)) {
+        s.grad = g.data_ptr();
+      } else {
+        fits = false;
+      }
+    }
+    if (fits) {
+      for (const int64_t k : last_fresh_) table_.tensors[static_cast<size_t>(k)].fresh = false;
+      read_hyper(op, a.hyper, table_.num_groups, table_.num_cols, table_);
+      for (const at::Tensor& p : t_.params) {
+        bump_version(p);
+        if (a.grad_scale.has_value()) bump_version(p.grad());
+      }
+      finish_step_args(op, table_, fresh, a.lrs, a.schedule_state, a.schedule, a.grad_scale,
+                       a.found_inf, clip_t, seed);
+    } else {
+      valid_ = false;
+      t_.grads.clear();
+      for (const at::Tensor& p : t_.params) t_.grads.push_back(p.grad());
+      table_ = collect_step_args(op, rule_, t_.params, t_.grads, t_.states, t_.masters, t_.steps,
+                                 group_sizes_, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
+                                 a.schedule_state, a.schedule, clip_t, master_mode_, seed);
+      t_.grads.clear();  // the plan keeps no grad alive between steps
+      valid_ = true;
+    }
+    last_fresh_ = fresh;
+    run_(table_);
+    return true;
+  }
+
+ private:
+  RuleId id_;
+  std::string rule_;
+  PlanTensors t_;  // params and state tensors (no grads)
+  std::vector<int64_t> group_sizes_;
+  std::vector<uint32_t> roles_;
+  int64_t master_mode_;
+  StepRunner run_ = nullptr;
+  StepArgs table_;
+  bool valid_ = false;  // table_ was validated by collect_step_args
+  std::vector<int64_t> last_fresh_;
+};
+
+// A StepPlan over the params and state dicts, or None when a state entry is missing (the
+// optimizer's plan is stale).
+py::object make_step_plan(const std::string& rule, py::handle params, py::handle states,
+                          const std::vector<int64_t>& group_sizes, py::handle hyper,
+                          int64_t master_mode) {
+  const RuleId id = rule_by_name("fusedopt.StepPlan", rule);
+  std::vector<uint32_t> roles = group_roles(id, tensor(hyper, "hyper"), group_sizes.size());
+  PlanReader plan(params, states, py::none());
+  PlanTensors t;
+  if (!read_plan(id, plan, group_sizes, roles, master_mode, /*with_grads=*/false, t)) {
+    return py::none();
+  }
+  return py::cast(StepPlan(id, rule, std::move(t), group_sizes, std::move(roles), master_mode));
 }
 
 }  // namespace
@@ -266,10 +383,20 @@ void register_eager_entry(py::module_& m) {
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
         py::arg("schedule"), py::arg("owners") = py::none(), py::arg("clip") = py::none(),
         py::arg("master_mode") = 0, py::arg("seed") = -1,
-        "torch.ops.fusedopt.step_ on a plan (params and their state dicts): grads, state tensors, "
-        "masters and step counters are read here, without boxing. With owners (DTensor params "
-        "whose local shards params holds), grads are read from them. False, with nothing changed: "
-        "the plan is stale.");
+        "torch.ops.fusedopt.step_ on a plan (params and their state dicts), read anew: grads, state "
+        "tensors, masters and step counters are read here, without boxing. With owners (DTensor "
+        "params whose local shards params holds), grads are read from them. False, with nothing "
+        "changed: the plan is stale.");
+  py::class_<StepPlan>(m, "StepPlan",
+                       "A validated step over plain params and tracked state dicts: each step "
+                       "re-reads only the grads and the params' storage.")
+      .def("step", &StepPlan::step, py::arg("hyper"), py::arg("lr_tensors"), py::arg("fresh"),
+           py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
+           py::arg("schedule"), py::arg("clip") = py::none(), py::arg("seed") = -1,
+           "One fused step. False, with nothing changed: a param lost its grad (rebuild the plan).");
+  m.def("make_step_plan", &make_step_plan, py::arg("rule"), py::arg("params"), py::arg("states"),
+        py::arg("group_sizes"), py::arg("hyper"), py::arg("master_mode") = 0,
+        "A StepPlan, or None when a state entry is missing.");
 }
 
 }  // namespace fusedopt

@@ -29,6 +29,12 @@ Elem elem_of(const char* op, const char* what, int64_t i, const at::Tensor& t) {
   return e;
 }
 
+// The kernels walk a param and its companions with one index over their memory.
+bool same_layout(const at::Tensor& t, const at::Tensor& param) {
+  return (t.is_contiguous() && param.is_contiguous()) || t.strides() == param.strides() ||
+         t.numel() <= 1;
+}
+
 // A companion of params[i] (its grad or a state tensor) must match it exactly in dtype,
 // shape, device and memory layout, since the kernels walk all of them with one index.
 void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tensor& t,
@@ -46,19 +52,12 @@ void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tenso
   }
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", what, "[", i, "] has shape ", t.sizes(),
               " but params[", pi, "] has shape ", param.sizes());
-  const bool same_layout = (t.is_contiguous() && param.is_contiguous()) ||
-                           t.strides() == param.strides() || t.numel() <= 1;
-  TORCH_CHECK(same_layout, op, ": ", what, "[", i,
+  TORCH_CHECK(same_layout(t, param), op, ": ", what, "[", i,
               "] has strides ", t.strides(), " but params[", pi, "] has strides ",
               param.strides(), "; fusedopt needs a gradient and state laid out like the "
               "param (call .contiguous() on both)");
   return t.data_ptr();
 }
-
-// Custom ops get no version-counter bump from the dispatcher (ADInplaceOrView falls through),
-// so the update bumps what it writes, as torch's in-place ops do: autograd then refuses a
-// backward through values the step has changed instead of computing wrong gradients.
-void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
 
 void check_param(const char* op, int64_t i, const at::Tensor& p) {
   TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
@@ -82,6 +81,8 @@ std::vector<int32_t> groups_of(const char* op, c10::IntArrayRef group_sizes, int
   return group;
 }
 
+}  // namespace
+
 void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t cols,
                 StepArgs& out) {
   TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2,
@@ -95,6 +96,8 @@ void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t
   out.num_groups = groups;
   out.num_cols = cols;
 }
+
+namespace {
 
 // Resolves the lr of each group: a float in its lr column, or an index into lr_tensors. Each lr
 // tensor is recorded (out.lr_tensor); a CPU one's value is also written into the lr column and
@@ -129,6 +132,8 @@ void read_schedule(const char* op, StepArgs& out, at::TensorList schedule_state,
                    const std::optional<at::Tensor>& schedule) {
   const int begin_col = col::sched_begin, count_col = col::sched_count;
   out.schedule_out.assign(static_cast<size_t>(out.num_groups), ScheduleOut{});
+  out.schedule_step = nullptr;  // (a plan's table keeps the last step's)
+  out.phases.clear();
   int64_t scheduled = 0;
   for (int64_t g = 0; g < out.num_groups; ++g) scheduled += out.at(g, count_col) > 0 ? 1 : 0;
   if (scheduled == 0 && schedule_state.empty()) return;
@@ -168,6 +173,29 @@ void read_schedule(const char* op, StepArgs& out, at::TensorList schedule_state,
 }
 
 }  // namespace
+
+void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
+bool grad_fits(const at::Tensor& grad, const at::Tensor& param, const TensorSlot& s,
+               c10::Device device) {
+  Elem e = Elem::f32;
+  return param.layout() == at::kStrided && param.data_ptr() == s.param &&
+         param.numel() == s.numel && float_elem(param, e) && e == s.dtype &&
+         param.is_non_overlapping_and_dense() && grad.layout() == at::kStrided &&
+         grad.device() == device && grad.scalar_type() == param.scalar_type() &&
+         grad.sizes() == param.sizes() && same_layout(grad, param);
+}
+
+namespace {
+StepRunner runners[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+}  // namespace
+
+bool register_step_runner(c10::DeviceType type, StepRunner run) {
+  runners[static_cast<size_t>(type)] = run;
+  return true;
+}
+
+StepRunner step_runner(c10::DeviceType type) { return runners[static_cast<size_t>(type)]; }
 
 double scheduled_lr(const StepTable& args, int64_t group, double t) {
   const double count = args.at(group, col::sched_count);
@@ -354,6 +382,24 @@ RuleId rule_by_name(const char* op, const std::string& name) {
   return RuleId::adam;
 }
 
+void finish_step_args(const char* op, StepArgs& out, c10::IntArrayRef fresh,
+                      at::TensorList lr_tensors, at::TensorList schedule_state,
+                      const std::optional<at::Tensor>& schedule,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip, int64_t seed) {
+  const auto n = static_cast<int64_t>(out.tensors.size());
+  for (const int64_t k : fresh) {
+    // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
+    TORCH_CHECK(k >= 0 && k < n && out.rule == RuleId::sgd &&
+                    out.at(out.tensors[static_cast<size_t>(k)].group, SgdRule::momentum) != 0.0,
+                op, ": fresh names params[", k, "], which has no momentum buffer to start");
+    out.tensors[static_cast<size_t>(k)].fresh = true;
+  }
+  out.rounding_seed = seed;
+  finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf, clip);
+}
+
 StepArgs collect_step_args(const char* op, const std::string& rule_name, at::TensorList params,
                            at::TensorList grads, at::TensorList states, at::TensorList masters,
                            at::TensorList state_steps, c10::IntArrayRef group_sizes,
@@ -368,7 +414,6 @@ StepArgs collect_step_args(const char* op, const std::string& rule_name, at::Ten
               "masters) or 2 (bfloat16 remainders), got ", master_mode);
   const auto mode = static_cast<Master>(master_mode);
   StepArgs out = collect_common(op, rule, params, grads, group_sizes, hyper, grad_scale.has_value());
-  out.rounding_seed = seed;
   const auto n = static_cast<int64_t>(params.size());
   const bool has_step = visit_rule(rule, [](auto r) { return decltype(r)::kHasStep; });
   const int num_roles = visit_rule(rule, [](auto r) { return decltype(r)::kStates; });
@@ -418,14 +463,8 @@ StepArgs collect_step_args(const char* op, const std::string& rule_name, at::Ten
               "params' groups use ", next_state);
   TORCH_CHECK(next_master == masters.size(), op, ": masters has ", masters.size(), " tensors but ",
               next_master, " params are 16-bit with master_mode ", master_mode);
-  for (const int64_t k : fresh) {
-    // (a zero-element buffer has a null data pointer: ask the group, not the pointer)
-    TORCH_CHECK(k >= 0 && k < n && rule == RuleId::sgd &&
-                    out.at(out.tensors[static_cast<size_t>(k)].group, SgdRule::momentum) != 0.0,
-                op, ": fresh names params[", k, "], which has no momentum buffer to start");
-    out.tensors[static_cast<size_t>(k)].fresh = true;
-  }
-  finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf, clip);
+  finish_step_args(op, out, fresh, lr_tensors, schedule_state, schedule, grad_scale, found_inf,
+                   clip, seed);
   return out;
 }
 

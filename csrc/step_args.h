@@ -37,6 +37,38 @@ StepArgs collect_step_args(const char* op, const std::string& rule, at::TensorLi
                            const std::optional<at::Tensor>& clip, int64_t master_mode,
                            int64_t seed);
 
+// The tail of a step's arguments, shared by collect_step_args and a plan's later steps (whose
+// tensors are already validated in `out`): the SGD buffers to start (`fresh`), lr tensors, the
+// in-kernel schedule, the GradScaler scalars, the clip and the rounding seed.
+void finish_step_args(const char* op, StepArgs& out, c10::IntArrayRef fresh,
+                      at::TensorList lr_tensors, at::TensorList schedule_state,
+                      const std::optional<at::Tensor>& schedule,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip, int64_t seed);
+
+// Validates the [groups x cols] float64 hyperparameter table and copies it into `out`.
+void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t cols,
+                StepArgs& out);
+
+// Whether `grad` still passes every check collect_step_args made of its param's slot `s`
+// (dtype, shape, layout, device), and the param still has the storage, size and density `s`
+// was validated with. Raises nothing: a plan re-validates in full when this says no.
+bool grad_fits(const at::Tensor& grad, const at::Tensor& param, const TensorSlot& s,
+               c10::Device device);
+
+// Custom ops get no version-counter bump from the dispatcher (ADInplaceOrView falls through),
+// so the update bumps what it writes, as torch's in-place ops do: autograd then refuses a
+// backward through values the step has changed instead of computing wrong gradients.
+void bump_version(const at::Tensor& t);
+
+// What runs a validated step on one device type (the CPU kernels, the CUDA launch), registered
+// by each backend's translation unit, so a plan (eager_entry.cpp) reaches the kernel of its
+// device without the dispatcher's boxing and re-validation.
+using StepRunner = void (*)(StepArgs& args);
+bool register_step_runner(c10::DeviceType type, StepRunner run);
+StepRunner step_runner(c10::DeviceType type);  // null: no backend for that device type
+
 // The rule an op names ("adam", "sgd", ...): TORCH_CHECK fails for an unknown name.
 RuleId rule_by_name(const char* op, const std::string& name);
 

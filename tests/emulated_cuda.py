@@ -129,7 +129,11 @@ def emulated(module, *, grid: int = 3, block: int = 16, chunk_elems: int = 64,
         lib.impl("sgd_", sgd_, "CPU")
         lib.impl("step_", step_, "CPU")
         lib.impl("grad_norm_", grad_norm_, "CPU")
-        yield module
+        # the optimizers' StepPlans call the real CPU kernel directly: route them through the op
+        from fusedopt.optim._fused import through_dispatcher
+
+        with through_dispatcher():
+            yield module
     finally:
         lib._destroy()
 

@@ -453,6 +453,7 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
 // Many small tensors live in scattered allocations where the hardware prefetcher restarts at
 // every one; fetching the head of the next chunk while this one computes hides that latency.
 constexpr int kPrefetchLines = 8;
+constexpr int64_t kPrefetchChunks = 16;
 
 inline void prefetch_role(const void* base, Elem e, int64_t numel, int64_t begin) {
   if (base == nullptr) return;
@@ -476,11 +477,15 @@ void for_each_chunk(const StepArgs& args, const F& per_chunk) {
   numels.reserve(args.tensors.size());
   for (const auto& s : args.tensors) numels.push_back(s.numel);
   const std::vector<WorkChunk> chunks = cpu_work_list(numels);
-  for_chunks_in_parallel(chunks, [&](int64_t c, bool more) {
-    if (more) {
-      const WorkChunk& n = chunks[static_cast<size_t>(c + 1)];
-      prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
-    }
+  const auto prefetch = [&](int64_t c) {
+    const WorkChunk& n = chunks[static_cast<size_t>(c)];
+    prefetch_chunk(args.tensors[static_cast<size_t>(n.tensor)], n.begin);
+  };
+  for_chunks_in_parallel(chunks, [&](int64_t c, int64_t part_end) {
+    // the next chunk, and one kPrefetchChunks ahead: a tiny tensor's update takes less time than
+    // a memory round trip, so fetching only the next one would leave most of its latency exposed
+    if (c + 1 < part_end) prefetch(c + 1);
+    if (c + kPrefetchChunks < part_end) prefetch(c + kPrefetchChunks);
     const WorkChunk& w = chunks[static_cast<size_t>(c)];
     per_chunk(w.tensor, args.tensors[static_cast<size_t>(w.tensor)], w.begin, w.end);
   });
@@ -634,6 +639,9 @@ void step_cpu(c10::string_view rule, at::TensorList params, at::TensorList grads
                                     master_mode, seed);
   run_step(args);
 }
+
+// A plan's steps (eager_entry.cpp) reach the same kernels on a table it keeps validated.
+const bool cpu_runner_registered = register_step_runner(c10::DeviceType::CPU, &run_step);
 
 }  // namespace
 

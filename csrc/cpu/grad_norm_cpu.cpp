@@ -242,7 +242,7 @@ void grad_norm_cpu(at::TensorList grads, double norm_type, double max_norm, cons
   const std::vector<WorkChunk> chunks = cpu_work_list(numels);
   // One partial per chunk, combined below in chunk order: the same norm whatever the threads.
   std::vector<double> partials(chunks.size(), 0.0);
-  for_chunks_in_parallel(chunks, [&](int64_t c, bool /*more*/) {
+  for_chunks_in_parallel(chunks, [&](int64_t c, int64_t /*part_end*/) {
     const WorkChunk& w = chunks[static_cast<size_t>(c)];
     const NormSlot& s = a.grads[static_cast<size_t>(w.tensor)];
     double r = 0.0;

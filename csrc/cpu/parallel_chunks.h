@@ -23,8 +23,8 @@ inline std::vector<WorkChunk> cpu_work_list(const std::vector<int64_t>& numels) 
   return build_work_list(numels, kCpuChunk);
 }
 
-// Calls per_chunk(c, more) for every chunk index c, in one parallel region; `more` says that the
-// same thread takes chunk c + 1 next (a hint for prefetching it). Chunks of one part run in order.
+// Calls per_chunk(c, part_end) for every chunk index c, in one parallel region; the same thread
+// takes chunks c + 1 up to part_end (exclusive) next, in order (a hint for prefetching them).
 template <typename F>
 void for_chunks_in_parallel(const std::vector<WorkChunk>& chunks, const F& per_chunk) {
   int64_t total = 0;
@@ -33,7 +33,7 @@ void for_chunks_in_parallel(const std::vector<WorkChunk>& chunks, const F& per_c
   const std::vector<int64_t> bounds = balance_work(chunks, parts);
   auto run_parts = [&](int64_t first, int64_t last) {
     for (int64_t part = first; part < last; ++part) {
-      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) per_chunk(c, c + 1 < bounds[part + 1]);
+      for (int64_t c = bounds[part]; c < bounds[part + 1]; ++c) per_chunk(c, bounds[part + 1]);
     }
   };
   if (parts == 1) {

@@ -97,6 +97,15 @@ void launch(const char* op, const StepArgs& args) {
   table_cache().mark_used(tensors.table, stream.stream(), capturing);
 }
 
+// A plan's steps (eager_entry.cpp): the same checks and launch as the op, on a table the plan
+// keeps validated.
+void run_plan_step(StepArgs& args) {
+  const char* op = "fusedopt::step_";
+  check_kernel_steps(op, args);
+  launch(op, args);
+}
+const bool cuda_runner_registered = register_step_runner(c10::DeviceType::CUDA, &run_plan_step);
+
 }  // namespace
 
 using CudaOps = KernelOps<launch>;

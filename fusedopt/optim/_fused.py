@@ -21,6 +21,7 @@ bound to the local params' ``.grad`` for the op call and unbound after it).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 import sys
@@ -45,6 +46,23 @@ _spec_of = operator.attrgetter("_spec")
 _grad_of = operator.attrgetter("grad")
 
 
+_through_dispatcher = 0  # > 0: every step calls torch.ops.fusedopt.step_ (see through_dispatcher)
+
+
+@contextlib.contextmanager
+def through_dispatcher():
+    """While active, every step goes through the dispatcher (``torch.ops.fusedopt.step_``) instead
+    of a StepPlan, which calls fusedopt's own kernel directly: for kernels registered over
+    fusedopt's own (the emulated CUDA backend of the tests) and anything else that must see each
+    op call."""
+    global _through_dispatcher
+    _through_dispatcher += 1
+    try:
+        yield
+    finally:
+        _through_dispatcher -= 1
+
+
 def _dtensor_type():
     """DTensor's class if torch.distributed.tensor is loaded, else None: a DTensor cannot exist
     before its module is imported, so fusedopt never imports it (nor pays for it) itself."""
@@ -58,14 +76,53 @@ def local_tensor(t: Tensor) -> Tensor:
     return t._local_tensor if dt is not None and isinstance(t, dt) else t
 
 
+def _counting(base, name):
+    """``base.name`` that first counts a change in the version of the optimizer's state."""
+    def method(self, *args, **kwargs):
+        self._state.version += 1
+        return getattr(base, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+class _ParamState(dict):
+    """A param's state dict (``optimizer.state[p]``) that counts its edits in the version of the
+    optimizer's state, so a plan that validated its tensors once notices an entry assigned,
+    deleted or cleared at O(1) cost per step. Saved, copied and pickled as a plain dict."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: "_TrackedState", *args):
+        super().__init__(*args)
+        self._state = state
+
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "update",
+                  "setdefault"):
+        locals()[_name] = _counting(dict, _name)
+    del _name
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
 class _TrackedState(defaultdict):
     """``optimizer.state`` that counts the changes a cached plan must notice (a param's state
-    dict assigned, deleted, or the whole state cleared), so checking it costs O(1) per step
-    instead of one Tensor.__hash__ (a Python call) per param."""
+    dict assigned, deleted, edited, or the whole state cleared), so checking it costs O(1) per
+    step instead of one Tensor.__hash__ (a Python call) per param. The state dicts it makes, and
+    the plain ones it is built from (torch's load_state_dict makes those), are ``_ParamState``;
+    a plain dict assigned later is kept as it is and read anew at every step."""
 
     def __init__(self, *args):
         super().__init__(dict, *args)
         self.version = 0
+        self._state = self
+        for key, value in self.items():
+            if type(value) is dict:
+                defaultdict.__setitem__(self, key, _ParamState(self, value))
+
+    def __missing__(self, key):
+        value = self[key] = _ParamState(self)
+        return value
 
     def __setitem__(self, key, value):
         self.version += 1
@@ -75,29 +132,24 @@ class _TrackedState(defaultdict):
         self.version += 1
         super().__delitem__(key)
 
-    def _changed(name):  # noqa: N805 - a decorator factory used in the class body
-        def method(self, *args, **kwargs):
-            self.version += 1
-            return getattr(defaultdict, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
-
-    clear = _changed("clear")
-    pop = _changed("pop")
-    popitem = _changed("popitem")
-    update = _changed("update")
-    setdefault = _changed("setdefault")
-    del _changed
+    for _name in ("clear", "pop", "popitem", "update", "setdefault"):
+        locals()[_name] = _counting(defaultdict, _name)
+    del _name
 
     def __reduce__(self):  # pickles (torch.save(optimizer), deepcopy) as a plain defaultdict
-        return (defaultdict, (dict,), None, None, iter(self.items()))
+        return (defaultdict, (dict,), None, None, ((k, _plain(v)) for k, v in self.items()))
+
+
+def _plain(value):
+    return dict(value) if isinstance(value, _ParamState) else value
 
 
 class _Batch:
     """What one op call on one device needs, ordered group by group."""
 
     __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra", "plain",
-                 "state_params", "state_dicts", "dtensor", "owners", "owner_states", "specs", "unwrapped")
+                 "state_params", "state_dicts", "dtensor", "owners", "owner_states", "specs", "unwrapped",
+                 "step_plan")
 
     def __init__(self, device: torch.device, num_groups: int, dtensor: bool = False):
         self.device = device
@@ -122,6 +174,15 @@ class _Batch:
         # The params that keep state, and their state dicts as self.state held them at build time.
         self.state_params: list[Tensor] = []
         self.state_dicts: list[dict] = []
+        # The C++ StepPlan (fusedopt._C) of a batch whose state dicts are all tracked, made at its
+        # first step; None until then, or for good (False) when the batch cannot have one.
+        self.step_plan = None
+
+    def tracked(self, state: _TrackedState) -> bool:
+        """Whether every state dict the batch reads reports its edits to ``state`` (the optimizer's:
+        ``_ParamState``; an empty dict the optimizer made for a param that keeps no state reads
+        nothing), so that its tensors can be validated once, in a StepPlan."""
+        return all((type(s) is _ParamState and s._state is state) or not s for s in self.states)
 
 
 class _Plan:
@@ -258,6 +319,12 @@ class FusedStepMixin:
             if key in roles and p.is_floating_point():
                 value = value.to(dtype=self._precision["state_dtype"])
             self.state[p][key] = value.to(device=p.device)
+
+    def state_dict(self) -> dict:
+        # the state dicts as plain dicts: what torch.save(..., weights_only) and torch.load expect
+        sd = super().state_dict()
+        sd["state"] = {k: _plain(v) for k, v in sd["state"].items()}
+        return sd
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -399,8 +466,9 @@ class FusedStepMixin:
             or plan.signature != signature
             or any(p.grad is not None for p in plan.without_grad)
             # a param's state dict emptied in place (opt.state[p].clear()): re-initialise
-            # like torch (assignments and opt.state.clear() change the signature)
-            or not all(all(b.state_dicts) for b in plan.batches)
+            # like torch (a tracked dict's edits, assignments and opt.state.clear() change the
+            # signature; a plain dict assigned by hand is looked at here)
+            or not all(b.step_plan or all(b.state_dicts) for b in plan.batches)
         ):
             plan = self._plan = self._build_plan(signature)
         return plan
@@ -497,6 +565,21 @@ class FusedStepMixin:
             raise
         return True
 
+    def _use_step_plan(self, batch: _Batch, hyper: Tensor) -> bool:
+        """Whether the batch steps through a StepPlan (made here at its first step): plain params
+        on the CPU or CUDA with tracked state dicts, outside torch.compile and any
+        TorchDispatchMode (which must see the op call). (A plan missing a state entry is stale:
+        the launch then reports it through the other entry.)"""
+        if batch.step_plan is None:
+            batch.step_plan = False
+            if (not batch.dtensor and batch.device.type in ("cpu", "cuda") and self._use_plan_entry(batch)
+                    and batch.tracked(self.state)):
+                batch.step_plan = require().make_step_plan(
+                    self._rule, batch.params, batch.states, batch.group_sizes, hyper,
+                    self._master_mode) or False
+        return (bool(batch.step_plan) and not _through_dispatcher and not torch._C._len_torch_dispatch_stack()
+                and not torch.compiler.is_compiling())
+
     @staticmethod
     def _use_plan_entry(batch: _Batch) -> bool:
         """The eager fast entry reads grads and state from the plan in C++; torch.compile, tensor
@@ -536,7 +619,10 @@ class FusedStepMixin:
         hyper, lr_tensors, sched = self._group_args(batch.device)
         fresh = self._fresh_params(batch)
         seed = self._rounding_seed(batch.device)
-        if self._use_plan_entry(batch):
+        if owners is None and self._use_step_plan(batch, hyper):
+            ran = batch.step_plan.step(hyper, lr_tensors, fresh, grad_scale, found_inf,
+                                       sched["schedule_state"], sched.get("schedule"), clip, seed)
+        elif self._use_plan_entry(batch):
             ran = require().plan_step(
                 self._rule, batch.params, batch.states, batch.group_sizes, hyper, lr_tensors, fresh,
                 grad_scale, found_inf, sched["schedule_state"], sched.get("schedule"), owners, clip,
@@ -616,7 +702,7 @@ class FusedStepMixin:
                     else:
                         ran = self._launch(batch, gs, fi, clip=clip)
                 except (RuntimeError, TypeError, ValueError) as e:
-                    raise _locate(e, batch) from None
+                    raise self._fresh_error(e, batch) from None
                 if not ran:  # a param lost its grad or a state entry since the plan was built
                     stale = True
                     break
@@ -625,6 +711,18 @@ class FusedStepMixin:
                 return loss
             plan = self._plan = self._build_plan(self._signature())
         raise RuntimeError("fusedopt: the params' grads changed while the step ran")
+
+
+    def _fresh_error(self, e: Exception, batch: _Batch) -> Exception:
+        """The error a fresh step raises for what made the cached plan's launch fail with ``e``: a
+        plan built anew checks the params first (a sparse grad, ...) and names the problem in its
+        own words; when it finds nothing, ``e`` located in param_groups. The next step rebuilds."""
+        self._plan = None
+        try:
+            self._build_plan(None)
+        except (RuntimeError, TypeError, ValueError) as fresh:
+            return fresh
+        return _locate(e, batch)
 
 
 def _check_clip_options(name: str, max_grad_norm, grad_norm_type) -> None:

@@ -1,0 +1,235 @@
+"""The validated step plan (csrc/eager_entry.cpp's StepPlan): a plan checks params, grads and state
+once, and each later step re-reads only the grads and the params' storage. These tests make every
+change that plan could miss between steps and check that the step notices it as torch does, or
+raises the error a fresh optimizer raises: grads swapped for misfits, state dicts edited through
+every dict method, plain dicts assigned as state, and the state_dict / pickling of tracked dicts.
+float64 on CPU (CUDA too where present), so parity is checked at 1e-12."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from optim_parity_utils import (
+    MagnitudeTracker,
+    assert_pair_close,
+    build_pair,
+    feed_same_grads,
+    fused_cls,
+    make_gen,
+)
+
+DT = torch.float64
+NAMES = ["SGD", "Adam", "AdamW"]
+CTORS = {
+    "SGD": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1),
+}
+GROUPS = [([(4,), (3, 5)], {}), ([(6,)], {"lr": 0.02})]
+STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg_sq"}
+
+
+def _plans(opt):
+    return [b.step_plan for b in opt._plan.batches]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_params_step_through_a_step_plan(name, device):
+    """The fast path is really taken (else the other tests would test the slower entry only)."""
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(1)
+    for _ in range(3):
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+    assert all(type(p).__name__ == "StepPlan" for p in _plans(fo.opt)), _plans(fo.opt)
+    assert_pair_close(ref, fo, DT, "3 steps through the plan")
+
+
+def _misfit(kind, p):
+    """A grad for ``p`` that fusedopt must refuse, swapped in the way users can."""
+    if kind == "dtype":  # .data= swaps a tensor's dtype behind autograd's back
+        p.grad.data = p.grad.data.float()
+    elif kind == "shape":
+        p.grad.data = torch.zeros(p.numel() + 1, dtype=p.dtype, device=p.device)
+    elif kind == "strides":  # same shape, transposed memory
+        p.grad = torch.randn(p.shape[::-1], dtype=p.dtype, device=p.device).t()
+    elif kind == "sparse":
+        p.grad = p.grad.to_sparse()
+    elif kind == "device":
+        other = "cpu" if p.device.type == "cuda" else "cuda"
+        p.grad.data = p.grad.data.to(other)
+    return {"dtype": "dtype", "shape": "shape", "strides": "strides", "sparse": "sparse",
+            "device": "is on"}[kind]
+
+
+@pytest.mark.parametrize("kind", ["dtype", "shape", "strides", "sparse", "device"])
+@pytest.mark.parametrize("name", NAMES)
+def test_grads_swapped_for_misfits_get_the_errors_of_a_fresh_step(name, kind, device):
+    """After steps through a plan, param 1's grad is replaced by one of another dtype / shape /
+    layout / device, or a sparse one: the step raises what a fresh optimizer raises for the same
+    grads, names the problem, and changes nothing; with a good grad back, steps go on like torch."""
+    if kind == "device" and not torch.cuda.is_available():
+        pytest.skip("needs a second device type")
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(2)
+    for _ in range(3):
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+    feed_same_grads(ref, fo, gen, dtype=DT)
+    good = fo.params[1].grad.clone()
+    word = _misfit(kind, fo.params[1])
+    before = [p.detach().clone() for p in fo.params]
+    with pytest.raises((RuntimeError, TypeError)) as planned:
+        fo.opt.step()
+    for p, b in zip(fo.params, before):
+        assert torch.equal(p.detach(), b), "a refused step changed a param"
+    fresh = fused_cls(name)(
+        [dict(params=g["params"], **{k: v for k, v in g.items() if k != "params"}) for g in fo.opt.param_groups])
+    fresh.load_state_dict(fo.opt.state_dict())
+    with pytest.raises(type(planned.value)) as fresh_err:
+        fresh.step()
+    assert str(planned.value) == str(fresh_err.value)
+    assert word in str(planned.value), str(planned.value)
+    fo.params[1].grad = good
+    tr = MagnitudeTracker()
+    for t in range(3):
+        if t:
+            feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+        tr.update(ref)
+        assert_pair_close(ref, fo, DT, f"step {t} after a refused {kind} grad", tracker=tr)
+
+
+def _edit(how, st, key, value):
+    if how == "setitem":
+        st[key] = value
+    elif how == "update":
+        st.update({key: value})
+    elif how == "ior":
+        st |= {key: value}
+    elif how == "del-setdefault":
+        del st[key]
+        st.setdefault(key, value)
+    elif how == "pop-setitem":
+        st.pop(key)
+        st[key] = value
+    elif how == "popitem-restore":  # the last entry popped, then every entry put back with key's new
+        items = dict(st)
+        st.popitem()
+        items[key] = value
+        st.update(items)
+    elif how == "clear-update":
+        items = dict(st)
+        st.clear()
+        items[key] = value
+        st.update(items)
+
+
+@pytest.mark.parametrize("how", ["setitem", "update", "ior", "del-setdefault", "pop-setitem", "popitem-restore",
+                                 "clear-update"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_tensors_replaced_through_any_dict_method_are_honoured(name, how, device):
+    """A state tensor replaced by a new one through any dict method takes effect at the next step,
+    as in torch, which reads the state dicts every step."""
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(3)
+    key = STATE_KEY[name]
+    tr = MagnitudeTracker()
+    for t in range(8):
+        if t in (3, 6):
+            for side in (ref, fo):
+                for i in (0, 2):
+                    st = side.opt.state[side.params[i]]
+                    _edit(how, st, key, st[key].clone() * (0.5 if t == 3 else 2.0))
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+        tr.update(ref)
+        assert_pair_close(ref, fo, DT, f"step {t} ({key} replaced by {how} before steps 3 and 6)", tracker=tr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_dict_assigned_as_a_params_state_is_read_every_step(name, device):
+    """``opt.state[p] = d`` with a plain dict the optimizer cannot track: later edits of ``d`` still
+    take effect, as in torch."""
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(4)
+    key = STATE_KEY[name]
+    held = {}
+    tr = MagnitudeTracker()
+    for t in range(8):
+        if t == 2:
+            for side in (ref, fo):
+                p = side.params[1]
+                held[side] = side.opt.state[p] = dict(side.opt.state[p])
+        if t == 5:
+            for side in (ref, fo):
+                held[side][key] = held[side][key].clone() * 3.0
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+        tr.update(ref)
+        assert_pair_close(ref, fo, DT, f"step {t} (plain dict assigned at 2, edited at 5)", tracker=tr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_save_load_pickle_and_deepcopy_see_plain_dicts(name, device):
+    """The tracked state dicts leave as plain dicts: state_dict() loads with torch.load(weights_only=True),
+    a pickled / deep-copied optimizer holds no fusedopt class in its state and steps on like the original."""
+    _, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(5)
+    for _ in range(2):
+        feed_same_grads(fo, fo, gen, dtype=DT)
+        fo.step()
+    sd = fo.opt.state_dict()
+    assert all(type(v) is dict for v in sd["state"].values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert sorted(loaded["state"]) == sorted(sd["state"])
+    assert "fusedopt" not in str(pickle.dumps(sd))
+    twin = copy.deepcopy(fo.opt)
+    assert all(type(v) is dict for v in twin.state.values())
+    params = [p for g in twin.param_groups for p in g["params"]]
+    for p, q in zip(fo.params, params):
+        q.grad = p.grad.clone()
+    fo.step()
+    twin.step()
+    for p, q in zip(fo.params, params):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_profiler_sees_the_fused_step(device):
+    """The plan calls the kernel without the dispatcher; the profiler still sees one fusedopt::step_."""
+    _, fo = build_pair("Adam", GROUPS, dtype=DT, device=device, ctor=CTORS["Adam"])
+    gen = make_gen(6)
+    feed_same_grads(fo, fo, gen, dtype=DT)
+    fo.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fo.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("fusedopt::step_") == 1, [n for n in names if "fusedopt" in n]
+
+
+def test_every_step_reaches_the_emulated_kernel_emul(emulated_cuda_module):
+    """Under the emulated CUDA backend (kernels registered over fusedopt's CPU ones), the plan's
+    steps go through the op: every step is one emulated launch, none runs the CPU kernel."""
+    import emulated_cuda
+
+    with emulated_cuda.emulated(emulated_cuda_module):
+        ref, fo = build_pair("Adam", GROUPS, dtype=DT, device="cpu", ctor=CTORS["Adam"])
+        gen = make_gen(7)
+        for t in range(4):
+            feed_same_grads(ref, fo, gen, dtype=DT)
+            launches = emulated_cuda_module.launches()
+            ref.step()
+            fo.step()
+            assert emulated_cuda_module.launches() == launches + 1, f"step {t}"
+        assert_pair_close(ref, fo, DT, "4 emulated steps")
