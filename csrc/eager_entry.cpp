@@ -311,7 +311,7 @@ class StepPlan {
     const std::optional<at::Tensor> clip_t = optional_tensor(clip, "clip");
     if (group_roles(id_, a.hyper, group_sizes_.size()) != roles_) return false;
     const size_t n = t_.params.size();
-    bool fits = valid_;
+    bool fits = valid_ && states_unmoved();
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& g = t_.params[i].grad();
       if (!g.defined()) return false;
@@ -340,6 +340,7 @@ class StepPlan {
                                  group_sizes_, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
                                  a.schedule_state, a.schedule, clip_t, master_mode_, seed);
       t_.grads.clear();  // the plan keeps no grad alive between steps
+      record_state_storage();
       valid_ = true;
     }
     last_fresh_ = fresh;
@@ -348,9 +349,41 @@ class StepPlan {
   }
 
  private:
+  // Every state tensor still has the storage and size the table was validated with (a storage
+  // swapped in place, `.data = ...` or `.set_()`, makes the step validate again).
+  bool states_unmoved() const {
+    size_t j = 0;
+    for (const std::vector<at::Tensor>* list : {&t_.states, &t_.masters, &t_.steps}) {
+      for (const at::Tensor& t : *list) {
+        if (!(storage_of(t) == held_[j++])) return false;
+      }
+    }
+    return true;
+  }
+  void record_state_storage() {
+    held_.clear();
+    for (const std::vector<at::Tensor>* list : {&t_.states, &t_.masters, &t_.steps}) {
+      for (const at::Tensor& t : *list) held_.push_back(storage_of(t));
+    }
+  }
+  // Where a tensor's elements are, read from its TensorImpl alone: `.data = `, `.set_()` and a
+  // resize_ (which changes the size, or reallocates only when it grows) all change one of these.
+  struct StateStorage {
+    const void* storage;
+    int64_t offset, numel;
+    bool operator==(const StateStorage& o) const {
+      return storage == o.storage && offset == o.offset && numel == o.numel;
+    }
+  };
+  static StateStorage storage_of(const at::Tensor& t) {
+    const c10::TensorImpl* i = t.unsafeGetTensorImpl();
+    return {i->unsafe_storage().unsafeGetStorageImpl(), i->storage_offset(), i->numel()};
+  }
+
   RuleId id_;
   std::string rule_;
   PlanTensors t_;  // params and state tensors (no grads)
+  std::vector<StateStorage> held_;  // of t_'s states, masters and steps, in that order
   std::vector<int64_t> group_sizes_;
   std::vector<uint32_t> roles_;
   int64_t master_mode_;

@@ -154,6 +154,32 @@ def test_state_tensors_replaced_through_any_dict_method_are_honoured(name, how, 
         assert_pair_close(ref, fo, DT, f"step {t} ({key} replaced by {how} before steps 3 and 6)", tracker=tr)
 
 
+@pytest.mark.parametrize("how", ["data", "set_"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_tensor_storage_swapped_in_place_is_honoured(name, how, device):
+    """``state[key].data = t`` or ``state[key].set_(t)`` keeps the tensor object (and its dict entry)
+    but moves its elements: the next step updates the new storage, as torch does."""
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(8)
+    key = STATE_KEY[name]
+    tr = MagnitudeTracker()
+    for t in range(7):
+        if t in (3, 5):
+            for side in (ref, fo):
+                for p in side.params[1:]:
+                    held = side.opt.state[p][key]
+                    new = held.detach().clone() * (0.5 if t == 3 else 2.0)
+                    if how == "data":
+                        held.data = new
+                    else:
+                        held.set_(new)
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+        tr.update(ref)
+        assert_pair_close(ref, fo, DT, f"step {t} ({key} storage swapped by {how} before steps 3 and 5)", tracker=tr)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_plain_dict_assigned_as_a_params_state_is_read_every_step(name, device):
     """``opt.state[p] = d`` with a plain dict the optimizer cannot track: later edits of ``d`` still
