@@ -21,13 +21,8 @@ from optim_parity_utils import (
     make_gen,
 )
 
-DT = torch.float64
-NAMES = ["SGD", "Adam", "AdamW"]
-CTORS = {
-    "SGD": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.01, weight_decay=0.1),
-}
+from test_optim_semantics import CTORS, DT, NAMES
+
 GROUPS = [([(4,), (3, 5)], {}), ([(6,)], {"lr": 0.02})]
 STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg_sq"}
 
@@ -131,27 +126,37 @@ def _edit(how, st, key, value):
         st.update(items)
 
 
+def _run_with_edits(name, device, seed, steps, edit, what):
+    """Steps a (torch, fusedopt) pair on the same grads, calling ``edit(t, side)`` on both sides
+    before each step t, and checks parity after every step."""
+    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(seed)
+    tr = MagnitudeTracker()
+    for t in range(steps):
+        for side in (ref, fo):
+            edit(t, side)
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+        tr.update(ref)
+        assert_pair_close(ref, fo, DT, f"step {t} ({what})", tracker=tr)
+
+
 @pytest.mark.parametrize("how", ["setitem", "update", "ior", "del-setdefault", "pop-setitem", "popitem-restore",
                                  "clear-update"])
 @pytest.mark.parametrize("name", NAMES)
 def test_state_tensors_replaced_through_any_dict_method_are_honoured(name, how, device):
     """A state tensor replaced by a new one through any dict method takes effect at the next step,
     as in torch, which reads the state dicts every step."""
-    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(3)
     key = STATE_KEY[name]
-    tr = MagnitudeTracker()
-    for t in range(8):
+
+    def edit(t, side):
         if t in (3, 6):
-            for side in (ref, fo):
-                for i in (0, 2):
-                    st = side.opt.state[side.params[i]]
-                    _edit(how, st, key, st[key].clone() * (0.5 if t == 3 else 2.0))
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
-        tr.update(ref)
-        assert_pair_close(ref, fo, DT, f"step {t} ({key} replaced by {how} before steps 3 and 6)", tracker=tr)
+            for i in (0, 2):
+                st = side.opt.state[side.params[i]]
+                _edit(how, st, key, st[key].clone() * (0.5 if t == 3 else 2.0))
+
+    _run_with_edits(name, device, 3, 8, edit, f"{key} replaced by {how} before steps 3 and 6")
 
 
 @pytest.mark.parametrize("how", ["data", "set_"])
@@ -159,49 +164,36 @@ def test_state_tensors_replaced_through_any_dict_method_are_honoured(name, how, 
 def test_state_tensor_storage_swapped_in_place_is_honoured(name, how, device):
     """``state[key].data = t`` or ``state[key].set_(t)`` keeps the tensor object (and its dict entry)
     but moves its elements: the next step updates the new storage, as torch does."""
-    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(8)
     key = STATE_KEY[name]
-    tr = MagnitudeTracker()
-    for t in range(7):
+
+    def edit(t, side):
         if t in (3, 5):
-            for side in (ref, fo):
-                for p in side.params[1:]:
-                    held = side.opt.state[p][key]
-                    new = held.detach().clone() * (0.5 if t == 3 else 2.0)
-                    if how == "data":
-                        held.data = new
-                    else:
-                        held.set_(new)
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
-        tr.update(ref)
-        assert_pair_close(ref, fo, DT, f"step {t} ({key} storage swapped by {how} before steps 3 and 5)", tracker=tr)
+            for p in side.params[1:]:
+                held = side.opt.state[p][key]
+                new = held.detach().clone() * (0.5 if t == 3 else 2.0)
+                if how == "data":
+                    held.data = new
+                else:
+                    held.set_(new)
+
+    _run_with_edits(name, device, 8, 7, edit, f"{key} storage swapped by {how} before steps 3 and 5")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_plain_dict_assigned_as_a_params_state_is_read_every_step(name, device):
     """``opt.state[p] = d`` with a plain dict the optimizer cannot track: later edits of ``d`` still
     take effect, as in torch."""
-    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(4)
     key = STATE_KEY[name]
     held = {}
-    tr = MagnitudeTracker()
-    for t in range(8):
+
+    def edit(t, side):
         if t == 2:
-            for side in (ref, fo):
-                p = side.params[1]
-                held[side] = side.opt.state[p] = dict(side.opt.state[p])
+            p = side.params[1]
+            held[side] = side.opt.state[p] = dict(side.opt.state[p])
         if t == 5:
-            for side in (ref, fo):
-                held[side][key] = held[side][key].clone() * 3.0
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
-        tr.update(ref)
-        assert_pair_close(ref, fo, DT, f"step {t} (plain dict assigned at 2, edited at 5)", tracker=tr)
+            held[side][key] = held[side][key].clone() * 3.0
+
+    _run_with_edits(name, device, 4, 8, edit, "plain dict assigned at 2, edited at 5")
 
 
 @pytest.mark.parametrize("name", NAMES)
