@@ -27,7 +27,7 @@ import re
 import sys
 from collections import defaultdict
 from functools import partial
-from itertools import repeat
+from itertools import chain, repeat
 
 import torch
 from torch import Tensor
@@ -186,12 +186,18 @@ class _Batch:
 
 
 class _Plan:
-    __slots__ = ("signature", "batches", "without_grad")
+    __slots__ = ("signature", "batches", "without_grad", "params")
 
-    def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor]):
+    def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor], params: list[Tensor]):
         self.signature = signature
         self.batches = batches
         self.without_grad = without_grad
+        self.params = params  # every param of every group, in order, as the plan was built
+
+    def same_params(self, param_groups: list[dict]) -> bool:
+        """Whether the groups still hold exactly these params (one identity test per param: a
+        param replaced in its list, ``group['params'][i] = q``, keeps the list and its length)."""
+        return all(map(operator.is_, chain.from_iterable(g["params"] for g in param_groups), self.params))
 
 
 def real_views(tensors: list[Tensor], complex_idx: list[int]) -> list[Tensor]:
@@ -452,7 +458,8 @@ class FusedStepMixin:
                 batch.group_sizes[gi] += 1
                 batch.origin.append((gi, k))
                 batch.extra.append(self._entry_extra(group))
-        return _Plan(signature, list(batches.values()), without_grad)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        return _Plan(signature, list(batches.values()), without_grad, params)
 
     def _current_plan(self) -> _Plan:
         """The cached plan, rebuilt when its structure may have changed. Grads are checked where
@@ -464,6 +471,7 @@ class FusedStepMixin:
         if (
             plan is None
             or plan.signature != signature
+            or not plan.same_params(self.param_groups)
             or any(p.grad is not None for p in plan.without_grad)
             # a param's state dict emptied in place (opt.state[p].clear()): re-initialise
             # like torch (a tracked dict's edits, assignments and opt.state.clear() change the

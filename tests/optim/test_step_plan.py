@@ -140,6 +140,7 @@ def _run_with_edits(name, device, seed, steps, edit, what):
         fo.step()
         tr.update(ref)
         assert_pair_close(ref, fo, DT, f"step {t} ({what})", tracker=tr)
+    return ref, fo
 
 
 @pytest.mark.parametrize("how", ["setitem", "update", "ior", "del-setdefault", "pop-setitem", "popitem-restore",
@@ -251,3 +252,26 @@ def test_every_step_reaches_the_emulated_kernel_emul(emulated_cuda_module):
             fo.step()
             assert emulated_cuda_module.launches() == launches + 1, f"step {t}"
         assert_pair_close(ref, fo, DT, "4 emulated steps")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_replaced_in_its_group_list_is_stepped_instead(name, device):
+    """``group['params'][1] = q`` keeps the list object and its length: the step must update ``q``
+    and leave the old param alone, as torch (which iterates the lists every step) does."""
+    extra = torch.randn(3, 5, generator=make_gen(90), dtype=DT)
+    replaced = {}
+
+    def edit(t, side):
+        if t == 3:
+            q = torch.nn.Parameter(extra.clone().to(device))
+            replaced[side] = side.params[1]
+            side.opt.param_groups[0]["params"][1] = q
+            side.params[1] = q
+
+    _, fo = _run_with_edits(name, device, 9, 6, edit, "param 1 replaced in its group's list before step 3")
+    old = replaced[fo]
+    frozen = old.detach().clone()
+    fo.params[1].grad = torch.ones_like(fo.params[1])
+    old.grad = torch.ones_like(old)
+    fo.step()
+    assert torch.equal(old.detach(), frozen), "the param taken out of its group was still updated"
