@@ -92,16 +92,16 @@ class PlanReader {
   }
   Py_ssize_t size() const { return PyList_GET_SIZE(params_); }
 
-  at::Tensor param(Py_ssize_t i) const {
-    return tensor(PyList_GET_ITEM(params_, i), ("params[" + std::to_string(i) + "]").c_str());
+  const at::Tensor& param(Py_ssize_t i) const {
+    PyObject* p = PyList_GET_ITEM(params_, i);
+    if (!THPVariable_Check(p)) throw py::type_error("params[" + std::to_string(i) + "] is not a tensor");
+    return THPVariable_Unpack(p);
   }
 
   // false: no grad
   bool param_and_grad(Py_ssize_t i, std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads) {
     if (owners_ != nullptr) return local_param_and_grad(i, params, grads);
-    PyObject* p = PyList_GET_ITEM(params_, i);
-    if (!THPVariable_Check(p)) throw py::type_error("params[" + std::to_string(i) + "] is not a tensor");
-    const at::Tensor& t = THPVariable_Unpack(p);
+    const at::Tensor& t = param(i);
     const at::Tensor& g = t.grad();
     if (!g.defined()) return false;
     params.push_back(t);

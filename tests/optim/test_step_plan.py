@@ -31,15 +31,21 @@ def _plans(opt):
     return [b.step_plan for b in opt._plan.batches]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_plain_params_step_through_a_step_plan(name, device):
-    """The fast path is really taken (else the other tests would test the slower entry only)."""
+def _stepped_pair(name, device, seed, steps=3):
+    """A (torch, fusedopt) pair after ``steps`` steps on the same grads, and its grad generator."""
     ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(1)
-    for _ in range(3):
+    gen = make_gen(seed)
+    for _ in range(steps):
         feed_same_grads(ref, fo, gen, dtype=DT)
         ref.step()
         fo.step()
+    return ref, fo, gen
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_params_step_through_a_step_plan(name, device):
+    """The fast path is really taken (else the other tests would test the slower entry only)."""
+    ref, fo, _ = _stepped_pair(name, device, 1)
     assert all(type(p).__name__ == "StepPlan" for p in _plans(fo.opt)), _plans(fo.opt)
     assert_pair_close(ref, fo, DT, "3 steps through the plan")
 
@@ -61,20 +67,18 @@ def _misfit(kind, p):
             "device": "is on"}[kind]
 
 
-@pytest.mark.parametrize("kind", ["dtype", "shape", "strides", "sparse", "device"])
+MISFITS = ["dtype", "shape", "strides", "sparse",
+           pytest.param("device", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                           reason="needs a second device type"))]
+
+
+@pytest.mark.parametrize("kind", MISFITS)
 @pytest.mark.parametrize("name", NAMES)
 def test_grads_swapped_for_misfits_get_the_errors_of_a_fresh_step(name, kind, device):
     """After steps through a plan, param 1's grad is replaced by one of another dtype / shape /
     layout / device, or a sparse one: the step raises what a fresh optimizer raises for the same
     grads, names the problem, and changes nothing; with a good grad back, steps go on like torch."""
-    if kind == "device" and not torch.cuda.is_available():
-        pytest.skip("needs a second device type")
-    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(2)
-    for _ in range(3):
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
+    ref, fo, gen = _stepped_pair(name, device, 2)
     feed_same_grads(ref, fo, gen, dtype=DT)
     good = fo.params[1].grad.clone()
     word = _misfit(kind, fo.params[1])
