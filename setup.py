@@ -123,6 +123,7 @@ def extensions_and_cmdclass():
     sources = [
         f"{CSRC}/module.cpp",
         f"{CSRC}/eager_entry.cpp",
+        f"{CSRC}/flat_grads.cpp",
         f"{CSRC}/ops.cpp",
         f"{CSRC}/step_args.cpp",
         f"{CSRC}/work_list.cpp",

@@ -16,6 +16,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <optional>
 #include <string>
@@ -313,6 +314,7 @@ class StepPlan {
     const size_t n = t_.params.size();
     bool fits = valid_ && states_unmoved();
     for (size_t i = 0; i < n; ++i) {
+      prefetch_ahead(i);
       const at::Tensor& g = t_.params[i].grad();
       if (!g.defined()) return false;
       if (!fits) continue;
@@ -349,6 +351,42 @@ class StepPlan {
   }
 
  private:
+  // How many slots the kernel got at the last step (coalesced as the CPU backend does): tests
+  // check that a flat storage really runs as one tensor per group.
+ public:
+  int64_t coalesced_slots() {
+    if (!valid_) return -1;
+    const CoalescedSlots flat(table_, table_.device.is_cpu());
+    return static_cast<int64_t>(table_.tensors.size());
+  }
+
+ private:
+  // What the loop above reads of each param lives in objects scattered over the heap: its
+  // TensorImpl, AutogradMeta and StorageImpl, its grad's TensorImpl and StorageImpl. Read one
+  // param after another, each is a memory round trip the loop waits on; fetched a few params
+  // ahead, level by level (each level's address is in the level before), they overlap.
+  void prefetch_ahead(size_t i) const {
+    const size_t n = t_.params.size();
+    if (i + 16 < n) __builtin_prefetch(t_.params[i + 16].unsafeGetTensorImpl());
+    if (i + 8 < n) {
+      const c10::TensorImpl* p = t_.params[i + 8].unsafeGetTensorImpl();
+      __builtin_prefetch(p->autograd_meta());
+      __builtin_prefetch(p->unsafe_storage().unsafeGetStorageImpl());
+    }
+    if (i + 4 < n) {
+      if (const c10::TensorImpl* g = grad_impl(i + 4)) __builtin_prefetch(g);
+    }
+    if (i + 2 < n) {
+      const c10::TensorImpl* g = grad_impl(i + 2);
+      if (g != nullptr && g->has_storage()) __builtin_prefetch(g->unsafe_storage().unsafeGetStorageImpl());
+    }
+  }
+  const c10::TensorImpl* grad_impl(size_t i) const {
+    const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(
+        t_.params[i].unsafeGetTensorImpl()->autograd_meta());
+    return meta == nullptr || !meta->grad_.defined() ? nullptr : meta->grad_.unsafeGetTensorImpl();
+  }
+
   // Every state tensor still has the storage and size the table was validated with (a storage
   // swapped in place, `.data = ...` or `.set_()`, makes the step validate again).
   bool states_unmoved() const {
@@ -408,9 +446,31 @@ py::object make_step_plan(const std::string& rule, py::handle params, py::handle
   return py::cast(StepPlan(id, rule, std::move(t), group_sizes, std::move(roles), master_mode));
 }
 
+// Whether the sequences in `lists`, one after another, hold exactly the objects of `expected`
+// (identity): the plan's check that no param was replaced in its group's list, at a pointer
+// comparison per param.
+bool same_items(py::handle lists, py::handle expected) {
+  const py::list want = py::reinterpret_borrow<py::list>(expected);
+  Py_ssize_t j = 0;
+  for (const py::handle list : py::reinterpret_borrow<py::list>(lists)) {
+    const py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(list.ptr(), "params must be a sequence"));
+    if (!seq) throw py::error_already_set();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    if (j + n > PyList_GET_SIZE(want.ptr())) return false;
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (items[k] != PyList_GET_ITEM(want.ptr(), j + k)) return false;
+    }
+    j += n;
+  }
+  return j == PyList_GET_SIZE(want.ptr());
+}
+
 }  // namespace
 
 void register_eager_entry(py::module_& m) {
+  m.def("same_items", &same_items, py::arg("lists"), py::arg("expected"),
+        "Whether the lists, concatenated, hold exactly the objects of expected (a list), by identity.");
   m.def("plan_step", &plan_step, py::arg("rule"), py::arg("params"), py::arg("states"),
         py::arg("group_sizes"), py::arg("hyper"), py::arg("lr_tensors"), py::arg("fresh"),
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
@@ -426,7 +486,9 @@ void register_eager_entry(py::module_& m) {
       .def("step", &StepPlan::step, py::arg("hyper"), py::arg("lr_tensors"), py::arg("fresh"),
            py::arg("grad_scale"), py::arg("found_inf"), py::arg("schedule_state"),
            py::arg("schedule"), py::arg("clip") = py::none(), py::arg("seed") = -1,
-           "One fused step. False, with nothing changed: a param lost its grad (rebuild the plan).");
+           "One fused step. False, with nothing changed: a param lost its grad (rebuild the plan).")
+      .def("coalesced_slots", &StepPlan::coalesced_slots,
+           "The tensor slots its last step ran as, adjacent flat params merged (-1: no step yet).");
   m.def("make_step_plan", &make_step_plan, py::arg("rule"), py::arg("params"), py::arg("states"),
         py::arg("group_sizes"), py::arg("hyper"), py::arg("master_mode") = 0,
         "A StepPlan, or None when a state entry is missing.");

@@ -13,6 +13,7 @@ namespace py = pybind11;
 
 namespace fusedopt {
 void register_eager_entry(py::module_& m);  // eager_entry.cpp
+void register_flat_grads(py::module_& m);   // flat_grads.cpp
 }
 
 namespace {
@@ -64,6 +65,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CPU_ISA") = "default";
 #endif
   register_eager_entry(m);
+  register_flat_grads(m);
   m.def("work_list", &work_list, py::arg("numels"), py::arg("chunk_elems"), py::arg("parts"),
         "The fused step's work list: chunks of at most chunk_elems elements per tensor, and "
         "the bounds that split them into `parts` ranges of nearly equal element count.");

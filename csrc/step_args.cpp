@@ -187,6 +187,63 @@ bool grad_fits(const at::Tensor& grad, const at::Tensor& param, const TensorSlot
 }
 
 namespace {
+
+// Whether `role` of the next slot starts where the current run's ends (both null: unused).
+bool continues(const void* run, int64_t run_numel, const void* next, Elem e) {
+  if (run == nullptr || next == nullptr) return run == next;
+  return static_cast<const char*>(run) + run_numel * elem_size(e) == next;
+}
+
+double step_value(const void* p, bool is_double) {
+  return is_double ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
+
+bool joins(const TensorSlot& run, const TensorSlot& s, bool merge_steps) {
+  if (s.numel == 0 || run.numel == 0 || s.group != run.group || s.dtype != run.dtype ||
+      s.master_kind != run.master_kind || s.fresh != run.fresh ||
+      s.step_is_double != run.step_is_double) {
+    return false;
+  }
+  const Elem master = run.master_kind == Master::full ? Elem::f32 : Elem::i16;
+  if (!continues(run.param, run.numel, s.param, s.dtype) ||
+      !continues(run.grad, run.numel, s.grad, s.dtype) ||
+      !continues(run.master, run.numel, s.master, master)) {
+    return false;
+  }
+  for (int k = 0; k < kMaxStates; ++k) {
+    if (s.state_dtype[k] != run.state_dtype[k] ||
+        !continues(run.state[k], run.numel, s.state[k], run.state_dtype[k])) {
+      return false;
+    }
+  }
+  if (run.step == nullptr || s.step == nullptr) return run.step == s.step;
+  const Elem counter = run.step_is_double ? Elem::f64 : Elem::f32;
+  return merge_steps && continues(run.step, run.step_count, s.step, counter) &&
+         step_value(run.step, run.step_is_double) == step_value(s.step, s.step_is_double);
+}
+
+}  // namespace
+
+bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot>& out) {
+  const std::vector<TensorSlot>& in = t.tensors;
+  if (t.rounding_seed >= 0) return false;
+  size_t first = 1;  // the first slot that joins its predecessor
+  while (first < in.size() && !joins(in[first - 1], in[first], merge_steps)) ++first;
+  if (first >= in.size()) return false;
+  out.assign(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(first));
+  for (size_t i = first; i < in.size(); ++i) {
+    TensorSlot& run = out.back();
+    if (joins(run, in[i], merge_steps)) {
+      run.numel += in[i].numel;
+      if (run.step != nullptr) run.step_count += in[i].step_count;
+    } else {
+      out.push_back(in[i]);
+    }
+  }
+  return true;
+}
+
+namespace {
 StepRunner runners[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
 }  // namespace
 

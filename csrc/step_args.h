@@ -57,6 +57,34 @@ void read_hyper(const char* op, const at::Tensor& hyper, int64_t groups, int64_t
 bool grad_fits(const at::Tensor& grad, const at::Tensor& param, const TensorSlot& s,
                c10::Device device);
 
+// Adjacent slots of one group whose every role (param, grad, master, states) continues the
+// previous slot's memory, as in a flat storage (fusedopt.flatten_), merged into one: the kernels
+// then walk one tensor where they would have walked thousands of tiny ones, with the same
+// elementwise math. Step counters merge only when `merge_steps` (host memory the caller lets us
+// read) and they are contiguous and equal; stochastic rounding (its bits depend on the slot)
+// merges nothing. Returns false, with `out` untouched, when nothing merges.
+bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot>& out);
+
+// For its lifetime, `t` has its coalesced slots (if any merge); the per-tensor slots come back
+// when it ends, so a plan keeps its table indexed by param.
+class CoalescedSlots {
+ public:
+  CoalescedSlots(StepTable& t, bool merge_steps) : t_(t) {
+    swapped_ = coalesce_slots(t, merge_steps, merged_);
+    if (swapped_) t_.tensors.swap(merged_);
+  }
+  ~CoalescedSlots() {
+    if (swapped_) t_.tensors.swap(merged_);
+  }
+  CoalescedSlots(const CoalescedSlots&) = delete;
+  CoalescedSlots& operator=(const CoalescedSlots&) = delete;
+
+ private:
+  StepTable& t_;
+  std::vector<TensorSlot> merged_;
+  bool swapped_ = false;
+};
+
 // Custom ops get no version-counter bump from the dispatcher (ADInplaceOrView falls through),
 // so the update bumps what it writes, as torch's in-place ops do: autograd then refuses a
 // backward through values the step has changed instead of computing wrong gradients.

@@ -31,7 +31,8 @@ struct TensorSlot {
   void* grad = nullptr;
   void* master = nullptr;              // float32 master or int16 remainder, or null
   void* state[kMaxStates] = {};        // the rule's state roles (null: unused by the group)
-  void* step = nullptr;                // the 1-element step counter (rules with kHasStep)
+  void* step = nullptr;                // the step counter (rules with kHasStep)
+  int64_t step_count = 1;  // counters at `step` (a coalesced slot's, contiguous and equal)
   int64_t numel = 0;
   int32_t group = 0;
   Elem dtype = Elem::f32;              // param and grad

@@ -10,5 +10,6 @@ from fusedopt._extension import extension_available, extension_error  # noqa: F4
 from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Lion, RMSprop  # noqa: F401
 from fusedopt import lr_scheduler  # noqa: F401
 from fusedopt.clip import clip_grad_norm_  # noqa: F401
+from fusedopt.flat import FlatParams, flatten_  # noqa: F401
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "clip_grad_norm_", "lr_scheduler", "extension_available", "extension_error", "__version__"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "clip_grad_norm_", "flatten_", "FlatParams", "lr_scheduler", "extension_available", "extension_error", "__version__"]

@@ -556,10 +556,12 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   // Step counters first, serially: every chunk of a tensor then reads the same new count.
   if constexpr (Rule::kHasStep) {
     for (const auto& s : args.tensors) {
-      if (s.step_is_double) {
-        *static_cast<double*>(s.step) += 1.0;
-      } else {
-        *static_cast<float*>(s.step) += 1.0f;
+      for (int64_t k = 0; k < s.step_count; ++k) {
+        if (s.step_is_double) {
+          static_cast<double*>(s.step)[k] += 1.0;
+        } else {
+          static_cast<float*>(s.step)[k] += 1.0f;
+        }
       }
     }
   }
@@ -600,6 +602,7 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
 void run_step(StepArgs& args) {
   GradScalars gs;
   if (!read_scalars(args, gs)) return;
+  const CoalescedSlots flat(args, /*merge_steps=*/true);  // CPU counters: readable here
   visit_rule(args.rule, [&](auto rule) { run_rule<decltype(rule)>(args, gs); });
 }
 

@@ -102,6 +102,7 @@ void launch(const char* op, const StepArgs& args) {
 void run_plan_step(StepArgs& args) {
   const char* op = "fusedopt::step_";
   check_kernel_steps(op, args);
+  const CoalescedSlots flat(args, /*merge_steps=*/false);  // as KernelOps
   launch(op, args);
 }
 const bool cuda_runner_registered = register_step_runner(c10::DeviceType::CUDA, &run_plan_step);

@@ -110,6 +110,8 @@ HostTables pack_tables(const StepTable& args, int64_t chunk_elems, bool cpu_lr_b
       aligned = aligned && aligned16(s.state[k]);
     }
     dt.master_kind = static_cast<int32_t>(s.master_kind);
+    // the kernel bumps one counter per slot: CUDA slots are coalesced without merge_steps
+    if (s.step_count != 1) throw std::invalid_argument("fusedopt: a coalesced slot with several step counters (an internal error)");
     dt.step = static_cast<float*>(s.step);
     dt.numel = s.numel;
     dt.group = s.group;

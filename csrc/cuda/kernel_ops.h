@@ -24,11 +24,13 @@ struct KernelOps {
                    const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
                    const std::optional<at::Tensor>& schedule) {
     const char* op = "fusedopt::adam_";
-    const StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
+    StepArgs args = collect_adam_args(op, params, grads, exp_avgs, exp_avg_sqs,
                                             max_exp_avg_sqs, state_steps, group_sizes, hyper,
                                             lr_tensors, grad_scale, found_inf, schedule_state,
                                             schedule);
     check_kernel_steps(op, args);
+    // device counters are not read on the host (no sync): slots with counters stay apart
+    const CoalescedSlots flat(args, /*merge_steps=*/false);
     Launch(op, args);
   }
 
@@ -39,9 +41,11 @@ struct KernelOps {
                   const std::optional<at::Tensor>& found_inf, at::TensorList schedule_state,
                   const std::optional<at::Tensor>& schedule) {
     const char* op = "fusedopt::sgd_";
-    const StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes,
+    StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes,
                                            hyper, lr_tensors, fresh_buffers, grad_scale,
                                            found_inf, schedule_state, schedule);
+    // device counters are not read on the host (no sync): slots with counters stay apart
+    const CoalescedSlots flat(args, /*merge_steps=*/false);
     Launch(op, args);
   }
 
@@ -54,11 +58,13 @@ struct KernelOps {
                    const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& clip,
                    int64_t master_mode, int64_t seed) {
     const char* op = "fusedopt::step_";
-    const StepArgs args = collect_step_args(op, std::string(rule), params, grads, states, masters,
+    StepArgs args = collect_step_args(op, std::string(rule), params, grads, states, masters,
                                             state_steps, group_sizes, hyper, lr_tensors, fresh,
                                             grad_scale, found_inf, schedule_state, schedule, clip,
                                             master_mode, seed);
     check_kernel_steps(op, args);
+    // device counters are not read on the host (no sync): slots with counters stay apart
+    const CoalescedSlots flat(args, /*merge_steps=*/false);
     Launch(op, args);
   }
 };

@@ -32,6 +32,7 @@ from itertools import chain, repeat
 import torch
 from torch import Tensor
 
+from fusedopt import flat
 from fusedopt._extension import require
 from fusedopt.ops import RULES, _lr_entry, hyper_table, on_device
 
@@ -197,7 +198,7 @@ class _Plan:
     def same_params(self, param_groups: list[dict]) -> bool:
         """Whether the groups still hold exactly these params (one identity test per param: a
         param replaced in its list, ``group['params'][i] = q``, keeps the list and its length)."""
-        return all(map(operator.is_, chain.from_iterable(g["params"] for g in param_groups), self.params))
+        return require().same_items([g["params"] for g in param_groups], self.params)
 
 
 def real_views(tensors: list[Tensor], complex_idx: list[int]) -> list[Tensor]:
@@ -400,6 +401,7 @@ class FusedStepMixin:
         without_grad: list[Tensor] = []
         first: dict[bool, str] = {}  # is a DTensor -> where the first such param is
         n = len(self.param_groups)
+        flat_params = flat.any_flat()
         for gi, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
                 grad = p.grad
@@ -424,6 +426,8 @@ class FusedStepMixin:
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 self._prepare_precision(p, state)
+                if flat_params and not is_dt:
+                    self._flat_state(p, state)
                 batch = batches.get((p.device, is_dt))
                 if batch is None:
                     batch = batches[(p.device, is_dt)] = _Batch(p.device, n, dtensor=is_dt)
@@ -459,7 +463,48 @@ class FusedStepMixin:
                 batch.origin.append((gi, k))
                 batch.extra.append(self._entry_extra(group))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if signature is not None:  # the state as the build left it (lazy state, flat state)
+            signature = self._signature()
         return _Plan(signature, list(batches.values()), without_grad, params)
+
+    def _flat_state(self, p: Tensor, state: dict) -> None:
+        """A param in flat storage (fusedopt.flatten_) keeps its state in flat buffers too, so the
+        fused step merges it with its neighbours: state made or loaded elsewhere moves there."""
+        slot = flat.slot_of(p)
+        if slot is not None:
+            for old, new in slot[0].rehome_state(slot[1], p, state):
+                self._state_moved(old, new)
+
+    def _state_moved(self, old: Tensor, new: Tensor) -> None:
+        """A state tensor moved into flat storage (SGD carries its fresh mark over)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad; a flat bucket (fusedopt.flatten_) whose params are all this
+        optimizer's is zeroed in one memset."""
+        if not flat.any_flat():
+            return super().zero_grad(set_to_none)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        buckets = flat.owned_buckets(params)
+        if not buckets:
+            return super().zero_grad(set_to_none)
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            done = set()
+            for b in buckets:
+                b.zero_grad(set_to_none)
+                done.update(map(id, b.params()))
+            for p in params:
+                if id(p) in done or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     def _current_plan(self) -> _Plan:
         """The cached plan, rebuilt when its structure may have changed. Grads are checked where

@@ -67,6 +67,10 @@ class SGD(FusedStepMixin, torch.optim.SGD):
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
+    def _state_moved(self, old: Tensor, new: Tensor) -> None:
+        if self._fresh.pop(id(old), None) is old:
+            self._fresh[id(new)] = new
+
     def _fresh_params(self, batch: _Batch) -> list[int]:
         fresh: list[int] = []
         if self._fresh:

@@ -34,6 +34,7 @@ struct Config {
   int64_t block = 32;
   int64_t chunk_elems = 64;
   int64_t launches = 0;
+  int64_t last_tensors = 0;  // slots in the last step launch's table (after coalescing)
 };
 
 Config& config() {
@@ -109,6 +110,7 @@ void launch(const char* op, const StepArgs& args) {
   const int err = launch_step(la, nullptr);
   TORCH_CHECK(err == 0, op, ": emulated launch failed with CUDA error ", err);
   ++config().launches;
+  config().last_tensors = static_cast<int64_t>(args.tensors.size());
 }
 
 using EmulatedOps = KernelOps<launch>;
@@ -213,6 +215,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("grid"), py::arg("block"), py::arg("chunk_elems"), py::arg("concurrent"),
      py::arg("seed"));
   m.def("launches", [] { return config().launches; }, "Kernel launches so far.");
+  m.def("last_launch_tensors", [] { return config().last_tensors; },
+        "Tensor slots of the last step launch, after coalescing (step_args.cpp).");
   m.def("table_lookup_us", [](const std::vector<int64_t>& numels, int64_t repeats) {
     // Host cost per step of finding the tensor table of an unchanged step, as the real glue does:
     // (packing it and comparing the bytes with the cached copy, the old way; comparing the slots
