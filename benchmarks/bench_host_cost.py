@@ -3,7 +3,8 @@ one-element float32 params (the update math is then negligible, so the step time
 bookkeeping: reading grads and states, validation, the work list, the kernel's per-tensor setup).
 
 Reported: "host µs per tensor" = the median step time / the number of tensors, per optimizer and
-implementation, from interleaved repeats. On CUDA it is the time until step() returns (the kernels
+implementation (fusedopt, fusedopt on params flattened by fusedopt.flatten_, torch fused), from
+interleaved repeats. On CUDA it is the time until step() returns (the kernels
 run asynchronously), measured with the queue drained before each step.
 
     python benchmarks/bench_host_cost.py [--tensors 10000] [--reps 30] [--device cpu|cuda]
@@ -49,10 +50,13 @@ def main() -> None:
     print(f"{args.tensors:,} one-element float32 params on {device}, {torch.get_num_threads()} CPU threads, "
           f"median of {args.reps} interleaved steps; host µs per tensor = step time / tensors")
     for name, (make_fused, make_torch) in OPTIMIZERS.items():
-        steps = {"fusedopt": make_fused(params()).step, "torch fused": make_torch(params()).step}
+        flat = params()
+        fusedopt.flatten_(flat)  # one buffer for the params, one for the grads
+        steps = {"fusedopt": make_fused(params()).step, "fusedopt flat": make_fused(flat).step,
+                 "torch fused": make_torch(params()).step}
         times = {k: [] for k in steps}
         for rep in range(args.reps + 3):
-            for impl, step in (steps.items() if rep % 2 else reversed(steps.items())):
+            for impl, step in (steps.items() if rep % 2 else reversed(list(steps.items()))):
                 sync()
                 t0 = time.perf_counter()
                 step()
@@ -60,8 +64,9 @@ def main() -> None:
                 if rep >= 3:
                     times[impl].append(dt)
         med = {k: statistics.median(v) * 1e6 / args.tensors for k, v in times.items()}
-        print(f"  {name:5s} host µs per tensor: fusedopt {med['fusedopt']:.3f}, torch fused {med['torch fused']:.3f} "
-              f"({med['torch fused'] / med['fusedopt']:.1f}x)")
+        print(f"  {name:5s} host µs per tensor: fusedopt {med['fusedopt']:.3f}, fusedopt flat "
+              f"{med['fusedopt flat']:.3f} (fusedopt.flatten_), torch fused {med['torch fused']:.3f} "
+              f"({med['torch fused'] / med['fusedopt']:.1f}x / {med['torch fused'] / med['fusedopt flat']:.1f}x)")
 
 
 if __name__ == "__main__":

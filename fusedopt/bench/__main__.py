@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from fusedopt.bench.optimizers import DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS, PRECISIONS, all_impl_names
+from fusedopt.bench.optimizers import (DEFAULT_IMPLS, DEFAULT_OPTIMIZERS, IMPLS, OPTIMIZERS, PRECISIONS,
+                                       all_impl_names)
 from fusedopt.bench.presets import DEFAULT_PRESETS, PRESETS
 from fusedopt.bench.runner import BUSY_WARN, DTYPES, BenchConfig, run
 from fusedopt.bench.sysinfo import other_cpu_busy
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; choices: {', '.join(OPTIMIZERS)} "
                         "(torch has no fused RMSprop and no Lion: those rows are n/a)")
     p.add_argument("--impls", nargs="+", metavar="I",
-                   help=f"default: all of {', '.join(IMPLS)} (graph variants only on CUDA); naming them "
+                   help=f"default: {', '.join(DEFAULT_IMPLS)} (graph variants only on CUDA); also fusedopt-flat; naming them "
                         "explicitly also disables the default skips; precision variants "
                         "(fusedopt:OPTION) can be named too")
     p.add_argument("--precision", nargs="+", metavar="OPT",
@@ -136,7 +137,7 @@ def _main_distributed(args) -> int:
         raise SystemExit("fusedopt-bench: --precision and the mixed preset are not available with --distributed")
     presets = _choose("preset", _split(args.presets) or list(distributed.DEFAULT_PRESETS), PRESETS)
     optimizers = _choose("optimizer", _split(args.optimizers) or list(distributed.DEFAULT_OPTIMIZERS), OPTIMIZERS)
-    impls = [i for i in _choose("impl", _split(args.impls) or list(IMPLS), IMPLS) if not IMPLS[i].graph]
+    impls = [i for i in _choose("impl", _split(args.impls) or list(DEFAULT_IMPLS), IMPLS) if not IMPLS[i].graph]
     dtypes = [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])]
     dtypes = _choose("dtype", dtypes, DTYPES)
     devices = _split(args.devices) or [None]
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])], DTYPES)
     optimizers = _choose("optimizer", _split(args.optimizers) or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)
     impls_explicit = args.impls is not None
-    impls = _choose("impl", _split(args.impls) or list(IMPLS), all_impl_names())
+    impls = _choose("impl", _split(args.impls) or list(DEFAULT_IMPLS), all_impl_names())
     precisions = _split(args.precision)
     if precisions is not None:
         precisions = list(PRECISIONS) if "all" in precisions else _choose("precision option", precisions, PRECISIONS)

@@ -25,6 +25,7 @@ fusedopt            fusedopt.SGD / Adam / AdamW (one fused call per device)
 torch-forloop       torch.optim.X(..., foreach=False)  (per-tensor Python loop)
 torch-foreach       torch.optim.X(..., foreach=True)   (multi-tensor _foreach_* ops)
 torch-fused         torch.optim.X(..., fused=True)     (torch's fused kernels)
+fusedopt-flat       fusedopt on its own copy of the params, flattened (fusedopt.flatten_)
 fusedopt-graph      fusedopt, capturable=True, the step captured in a CUDA graph (GPU only)
 torch-fused-graph   torch fused (+capturable=True where the class takes it), CUDA graph (GPU)
 ==================  ==========================================================================
@@ -130,6 +131,7 @@ class Impl:
     graph: bool = False              # CUDA-graph-captured step
     cuda_only: bool = False
     precision: str = "none"          # fusedopt precision option (a PRECISIONS key)
+    flat: bool = False               # on a flattened copy of the params (fusedopt.flatten_)
 
     @property
     def is_fusedopt(self) -> bool:
@@ -145,10 +147,13 @@ IMPLS: dict[str, Impl] = {
     "torch-forloop": Impl("torch-forloop", "torch", dict(foreach=False)),
     "torch-foreach": Impl("torch-foreach", "torch", dict(foreach=True)),
     "torch-fused": Impl("torch-fused", "torch", dict(fused=True)),
+    "fusedopt-flat": Impl("fusedopt-flat", "fusedopt", flat=True),
     "fusedopt-graph": Impl("fusedopt-graph", "fusedopt", graph=True, cuda_only=True),
     "torch-fused-graph": Impl("torch-fused-graph", "torch", dict(fused=True), graph=True, cuda_only=True),
 }
-DEFAULT_IMPLS = tuple(IMPLS)  # the graph variants are dropped on CPU automatically
+# the graph variants are dropped on CPU automatically; fusedopt-flat (a second copy of the
+# params) runs when named
+DEFAULT_IMPLS = tuple(k for k in IMPLS if not IMPLS[k].flat)
 
 # fusedopt's precision options, one benchmark row each (see the module docstring).
 PRECISIONS: dict[str, dict] = {
@@ -251,6 +256,10 @@ def build_optimizer(impl: Impl, opt: OptimizerConfig, params: list[torch.Tensor]
         if impl.torch_kwargs.get("fused") and not _accepts(ctor, "fused"):
             raise Unsupported(f"torch.optim.{ctor.__name__} has no fused implementation")
         kwargs.update(impl.torch_kwargs)
+    if impl.flat:
+        if desc.startswith("STAND-IN"):
+            raise Unsupported(f"{impl.name}: the torch.optim stand-in has no flat storage")
+        params = _flat_copy(params)
     if impl.graph:
         if _accepts(ctor, "capturable"):
             kwargs["capturable"] = True
@@ -260,3 +269,20 @@ def build_optimizer(impl: Impl, opt: OptimizerConfig, params: list[torch.Tensor]
         return ctor(params, **kwargs)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         raise Unsupported(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _flat_copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``params`` (with their grads) flattened by fusedopt.flatten_: the other rows keep
+    stepping the shared params as they were made."""
+    import fusedopt
+
+    copies = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        q.grad = None if p.grad is None else p.grad.detach().clone()
+        copies.append(q)
+    try:
+        fusedopt.flatten_(copies)
+    except (TypeError, ValueError) as e:  # e.g. DTensor params
+        raise Unsupported(f"fusedopt-flat: {e}") from e
+    return copies
