@@ -350,10 +350,8 @@ class StepPlan {
     return true;
   }
 
- private:
-  // How many slots the kernel got at the last step (coalesced as the CPU backend does): tests
-  // check that a flat storage really runs as one tensor per group.
- public:
+  // How many slots the last step's table runs as, merged as its backend merges them (device
+  // step counters stay apart): tests check that a flat storage runs as one tensor per group.
   int64_t coalesced_slots() {
     if (!valid_) return -1;
     const CoalescedSlots flat(table_, table_.device.is_cpu());

@@ -114,33 +114,29 @@ class FlatGrads {
   // The slot of param i (its grad while it is flat).
   at::Tensor slot(int64_t i) const { return b_->slots.at(static_cast<size_t>(i)); }
 
-  // optimizer.zero_grad for every param of the bucket: one memset of the flat grads. With
-  // set_to_none every grad becomes None (the hooks bring the zeroed slots back at the next
-  // backward); without it, slots stay attached and other grads are zeroed as torch zeroes them.
-  void zero_grad(bool set_to_none) {
+  // optimizer.zero_grad for the bucket's flat grads: one memset; with set_to_none, each param
+  // whose grad is its slot gets None (the hooks bring the zeroed slot back at the next
+  // backward). Returns the params whose grads are not their slots, untouched: the caller
+  // zeroes those as torch does.
+  std::vector<at::Tensor> zero_grad(bool set_to_none) {
     Bucket& b = *b_;
     b.grads.zero_();
+    std::vector<at::Tensor> others;
     for (size_t i = 0; i < b.params.size(); ++i) {
       b.dirty[i] = 0;
       if (b.released[i]) continue;
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl = b.params[i].lock();
       if (!impl) continue;
-      const at::Tensor p(std::move(impl));
-      at::Tensor& g = p.mutable_grad();
-      if (!g.defined()) continue;
-      const bool ours = g.unsafeGetTensorImpl() == b.slots[i].unsafeGetTensorImpl();
-      if (ours) b.dirty[i] = !set_to_none;  // attached, and zero now
-      if (set_to_none) {
-        g.reset();
-      } else if (!ours) {  // torch.optim.Optimizer.zero_grad on a grad of its own
-        if (g.grad_fn()) {
-          g.detach_();
-        } else {
-          g.requires_grad_(false);
-        }
-        g.zero_();
+      at::Tensor p(std::move(impl));
+      if (!b.holds_grad(p, i)) {
+        if (p.grad().defined()) others.push_back(std::move(p));
+      } else if (set_to_none) {
+        p.mutable_grad().reset();
+      } else {
+        b.dirty[i] = 1;  // attached, and zero now
       }
     }
+    return others;
   }
 
   // Lets go of param i (flattened again into another bucket): its hook goes, and neither
@@ -169,7 +165,8 @@ void register_flat_grads(py::module_& m) {
            py::arg("params"), py::arg("grads"), py::arg("offsets"))
       .def("slot", &FlatGrads::slot, py::arg("i"))
       .def("zero_grad", &FlatGrads::zero_grad, py::arg("set_to_none") = true,
-           "One memset of the bucket's grads; with set_to_none, every grad becomes None.")
+           "One memset of the bucket's grads; with set_to_none, the slots attached as grads are "
+           "detached. Returns the params whose grads are not their slots, untouched.")
       .def("release", &FlatGrads::release, py::arg("param"), py::arg("i"));
 }
 

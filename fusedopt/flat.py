@@ -57,9 +57,9 @@ class FlatBucket:
         with torch.no_grad():
             flat = torch.empty(total, dtype=self.dtype, device=self.device)
             for p, off, n in zip(params, self.offsets, self.numels):
-                flat[off:off + n].copy_(p.detach().reshape(-1))
-            for p, off, n in zip(params, self.offsets, self.numels):
-                p.data = flat[off:off + n].view(p.shape)
+                view = flat[off:off + n].view(p.shape)
+                view.copy_(p)
+                p.data = view
         self._base = flat.untyped_storage().data_ptr()
         self._params = [weakref.ref(p) for p in params]
         self._state: dict[tuple, Tensor] = {}
@@ -87,7 +87,7 @@ class FlatBucket:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Every param's grad zeroed in one memset; with ``set_to_none``, then set to None."""
-        self._grads.zero_grad(set_to_none)
+        zero_grads(self._grads.zero_grad(set_to_none), set_to_none)
 
     def _state_view(self, key: str, i: int, p: Tensor, value: Tensor) -> Tensor | None:
         """Where state ``value`` of param i lives in the flat state (a buffer per key, dtype and
@@ -143,6 +143,21 @@ class FlatParams:
         """``zero_grad`` of every bucket: one memset each."""
         for b in self.buckets:
             b.zero_grad(set_to_none)
+
+
+def zero_grads(params, set_to_none: bool) -> None:
+    """torch.optim.Optimizer.zero_grad for these params' grads, one by one."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
 
 
 def _gather(params) -> list[Tensor]:

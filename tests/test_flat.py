@@ -100,7 +100,7 @@ def test_flat_training_is_bit_identical_to_unflattened(name, device):
     assert len(flat) == 1 and len(flat.buckets[0]) == 6
     ref_opt, opt = cls(_groups(ref), **kw), cls(_groups(net), **kw)
     torch_opt = torch_cls(_groups(torch_net), foreach=False, **kw)
-    for i, (m, o) in enumerate(((ref, ref_opt), (net, opt), (torch_net, torch_opt))):
+    for m, o in ((ref, ref_opt), (net, opt), (torch_net, torch_opt)):
         _train(m, o, torch.Generator().manual_seed(1), steps=4)
     _assert_same(ref, net, ref_opt, opt, name)
     for p, q in zip(torch_net.parameters(), net.parameters()):

@@ -97,19 +97,20 @@ void launch(const char* op, const StepArgs& args) {
   table_cache().mark_used(tensors.table, stream.stream(), capturing);
 }
 
+}  // namespace
+
+using CudaOps = KernelOps<launch>;
+
+namespace {
 // A plan's steps (eager_entry.cpp): the same checks and launch as the op, on a table the plan
 // keeps validated.
 void run_plan_step(StepArgs& args) {
   const char* op = "fusedopt::step_";
   check_kernel_steps(op, args);
-  const CoalescedSlots flat(args, /*merge_steps=*/false);  // as KernelOps
-  launch(op, args);
+  CudaOps::run(op, args);
 }
 const bool cuda_runner_registered = register_step_runner(c10::DeviceType::CUDA, &run_plan_step);
-
 }  // namespace
-
-using CudaOps = KernelOps<launch>;
 
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
   m.impl("adam_", &CudaOps::adam);

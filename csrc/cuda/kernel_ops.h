@@ -16,6 +16,13 @@ using LaunchFn = void (*)(const char* op, const StepArgs& args);
 
 template <LaunchFn Launch>
 struct KernelOps {
+  // Launches a validated step, adjacent flat slots merged. Device step counters are not read on
+  // the host (that would sync), so slots with counters stay apart.
+  static void run(const char* op, StepArgs& args) {
+    const CoalescedSlots flat(args, /*merge_steps=*/false);
+    Launch(op, args);
+  }
+
   static void adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                    at::TensorList state_steps, c10::IntArrayRef group_sizes,
@@ -29,9 +36,7 @@ struct KernelOps {
                                             lr_tensors, grad_scale, found_inf, schedule_state,
                                             schedule);
     check_kernel_steps(op, args);
-    // device counters are not read on the host (no sync): slots with counters stay apart
-    const CoalescedSlots flat(args, /*merge_steps=*/false);
-    Launch(op, args);
+    run(op, args);
   }
 
   static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -44,9 +49,7 @@ struct KernelOps {
     StepArgs args = collect_sgd_args(op, params, grads, momentum_buffers, group_sizes,
                                            hyper, lr_tensors, fresh_buffers, grad_scale,
                                            found_inf, schedule_state, schedule);
-    // device counters are not read on the host (no sync): slots with counters stay apart
-    const CoalescedSlots flat(args, /*merge_steps=*/false);
-    Launch(op, args);
+    run(op, args);
   }
 
   static void step(c10::string_view rule, at::TensorList params, at::TensorList grads,
@@ -63,9 +66,7 @@ struct KernelOps {
                                             grad_scale, found_inf, schedule_state, schedule, clip,
                                             master_mode, seed);
     check_kernel_steps(op, args);
-    // device counters are not read on the host (no sync): slots with counters stay apart
-    const CoalescedSlots flat(args, /*merge_steps=*/false);
-    Launch(op, args);
+    run(op, args);
   }
 };
 

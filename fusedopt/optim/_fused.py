@@ -494,17 +494,7 @@ class FusedStepMixin:
             for b in buckets:
                 b.zero_grad(set_to_none)
                 done.update(map(id, b.params()))
-            for p in params:
-                if id(p) in done or p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+            flat.zero_grads([p for p in params if id(p) not in done], set_to_none)
 
     def _current_plan(self) -> _Plan:
         """The cached plan, rebuilt when its structure may have changed. Grads are checked where

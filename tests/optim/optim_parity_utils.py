@@ -440,6 +440,23 @@ def run_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234,
     return ref, fo
 
 
+def run_with_edits(name, group_specs, *, dtype, device, ctor, seed, steps, edit, what):
+    """Steps a (torch, fusedopt) pair on the same grads, calling ``edit(t, side)`` on both sides
+    before each step t, and checks parity after every step."""
+    ref, fo = build_pair(name, group_specs, dtype=dtype, device=device, ctor=ctor)
+    gen = make_gen(seed)
+    tracker = MagnitudeTracker()
+    for t in range(steps):
+        for side in (ref, fo):
+            edit(t, side)
+        feed_same_grads(ref, fo, gen, dtype=dtype)
+        ref.step()
+        fo.step()
+        tracker.update(ref)
+        assert_pair_close(ref, fo, dtype, f"step {t} ({what})", tracker=tracker)
+    return ref, fo
+
+
 def run_half_parity(name, group_specs, *, dtype, device, steps, ctor=None, seed=1234, build=None):
     """Half-precision run: fusedopt on fp16/bf16 params, float32 oracle re-synced every step.
     ``build``: the pair builder (default ``build_pair``; new_optim_utils passes its own, which

@@ -19,6 +19,7 @@ from optim_parity_utils import (
     leaf,
     make_gen,
     run_parity,
+    run_with_edits,
     state_of,
     torch_cls,
 )
@@ -416,18 +417,12 @@ def test_state_cleared_or_edited_mid_run(name, what, device):
     """Clearing a param's state / the whole state re-initialises it lazily (cleared: before steps
     4 and 8); replacing or editing state tensors by hand is honoured at the next step (edited:
     before steps 14 and 16)."""
-    ref, fo = build_pair(name, [([(4,), (3, 5)], {})], dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(13)
-    tr = MagnitudeTracker()
-    for t in range(18):
+    def edit(t, side):
         if (what == "cleared") == (t < 12):
-            for side in (ref, fo):
-                _edit_state(side, t)
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
-        tr.update(ref)
-        assert_pair_close(ref, fo, DT, f"step {t} (state {what})", tracker=tr)
+            _edit_state(side, t)
+
+    run_with_edits(name, [([(4,), (3, 5)], {})], dtype=DT, device=device, ctor=CTORS[name], seed=13,
+                   steps=18, edit=edit, what=f"state {what}")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -19,6 +19,7 @@ from optim_parity_utils import (
     feed_same_grads,
     fused_cls,
     make_gen,
+    run_with_edits,
 )
 
 from test_optim_semantics import CTORS, DT, NAMES
@@ -131,20 +132,8 @@ def _edit(how, st, key, value):
 
 
 def _run_with_edits(name, device, seed, steps, edit, what):
-    """Steps a (torch, fusedopt) pair on the same grads, calling ``edit(t, side)`` on both sides
-    before each step t, and checks parity after every step."""
-    ref, fo = build_pair(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name])
-    gen = make_gen(seed)
-    tr = MagnitudeTracker()
-    for t in range(steps):
-        for side in (ref, fo):
-            edit(t, side)
-        feed_same_grads(ref, fo, gen, dtype=DT)
-        ref.step()
-        fo.step()
-        tr.update(ref)
-        assert_pair_close(ref, fo, DT, f"step {t} ({what})", tracker=tr)
-    return ref, fo
+    return run_with_edits(name, GROUPS, dtype=DT, device=device, ctor=CTORS[name], seed=seed, steps=steps,
+                          edit=edit, what=what)
 
 
 @pytest.mark.parametrize("how", ["setitem", "update", "ior", "del-setdefault", "pop-setitem", "popitem-restore",
