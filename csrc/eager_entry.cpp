@@ -10,6 +10,7 @@
 //   tensors from the plan's lists at every step and makes the typed, unboxed dispatcher call
 //   below the autograd keys (the step runs under no_grad and defines no gradient).
 // torch.compile, tensor subclasses and complex params keep going through torch.ops.
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -18,6 +19,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 #include <utility>
@@ -312,26 +314,20 @@ class StepPlan {
     const std::optional<at::Tensor> clip_t = optional_tensor(clip, "clip");
     if (group_roles(id_, a.hyper, group_sizes_.size()) != roles_) return false;
     const size_t n = t_.params.size();
-    bool fits = valid_ && states_unmoved();
-    for (size_t i = 0; i < n; ++i) {
-      prefetch_ahead(i);
-      const at::Tensor& g = t_.params[i].grad();
-      if (!g.defined()) return false;
-      if (!fits) continue;
-      TensorSlot& s = table_.tensors[i];
-      if (grad_fits(g, t_.params[i], s, table_.device)) {
-        s.grad = g.data_ptr();
-      } else {
-        fits = false;
-      }
-    }
+    const Check check = check_all();
+    if (check == Check::no_grad) return false;
+    const bool fits = check == Check::fits;
     if (fits) {
       for (const int64_t k : last_fresh_) table_.tensors[static_cast<size_t>(k)].fresh = false;
       read_hyper(op, a.hyper, table_.num_groups, table_.num_cols, table_);
-      for (const at::Tensor& p : t_.params) {
-        bump_version(p);
-        if (a.grad_scale.has_value()) bump_version(p.grad());
-      }
+      const bool unscaling = a.grad_scale.has_value();
+      at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+        for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
+          prefetch_version_ahead(i, static_cast<size_t>(end));
+          bump_version(t_.params[i]);
+          if (unscaling) bump_version(grad_of(i));
+        }
+      });
       finish_step_args(op, table_, fresh, a.lrs, a.schedule_state, a.schedule, a.grad_scale,
                        a.found_inf, clip_t, seed);
     } else {
@@ -350,6 +346,40 @@ class StepPlan {
     return true;
   }
 
+  enum class Check { fits, misfit, no_grad };
+  // Params per thread in the per-step check: reading a param's objects is a few memory round
+  // trips, which threads overlap as well as prefetches do, each core with its own.
+  static constexpr int64_t kCheckGrain = 2048;
+
+  // Whether every param has a grad (no_grad: one has none) that fits the table, and every state
+  // tensor is where the table has it (misfit: validate again). Records the fitting grads'
+  // addresses in the table. Reads only: threads share the params.
+  Check check_all() {
+    const size_t n = t_.params.size();
+    std::atomic<bool> no_grad{false}, misfit{!valid_};
+    at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t b, int64_t e) {
+      const auto begin = static_cast<size_t>(b), end = static_cast<size_t>(e);
+      bool fits = !misfit.load(std::memory_order_relaxed) && states_unmoved(begin, end, n);
+      for (size_t i = begin; i < end; ++i) {
+        prefetch_ahead(i, end);
+        const at::Tensor& g = grad_of(i);
+        if (!g.defined()) {
+          no_grad = true;
+          return;
+        }
+        if (!fits) continue;
+        TensorSlot& s = table_.tensors[i];
+        if (grad_fits(g, t_.params[i], s, table_.device)) {
+          s.grad = g.data_ptr();
+        } else {
+          fits = false;
+        }
+      }
+      if (!fits) misfit = true;
+    });
+    return no_grad ? Check::no_grad : (misfit ? Check::misfit : Check::fits);
+  }
+
   // How many slots the last step's table runs as, merged as its backend merges them (device
   // step counters stay apart): tests check that a flat storage runs as one tensor per group.
   int64_t coalesced_slots() {
@@ -362,37 +392,67 @@ class StepPlan {
   // What the loop above reads of each param lives in objects scattered over the heap: its
   // TensorImpl, AutogradMeta and StorageImpl, its grad's TensorImpl and StorageImpl. Read one
   // param after another, each is a memory round trip the loop waits on; fetched a few params
-  // ahead, level by level (each level's address is in the level before), they overlap.
-  void prefetch_ahead(size_t i) const {
-    const size_t n = t_.params.size();
-    if (i + 16 < n) __builtin_prefetch(t_.params[i + 16].unsafeGetTensorImpl());
+  // ahead, level by level (each level's address is in the level before), they overlap. A
+  // TensorImpl spans several cache lines (sizes and strides sit between the storage and the
+  // numel), so each is fetched whole.
+  void prefetch_ahead(size_t i, size_t n) const {
+    if (i + 16 < n) prefetch_object(t_.params[i + 16].unsafeGetTensorImpl());
     if (i + 8 < n) {
       const c10::TensorImpl* p = t_.params[i + 8].unsafeGetTensorImpl();
-      __builtin_prefetch(p->autograd_meta());
+      if (const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(p->autograd_meta())) {
+        __builtin_prefetch(&meta->grad_);
+      }
       __builtin_prefetch(p->unsafe_storage().unsafeGetStorageImpl());
     }
     if (i + 4 < n) {
-      if (const c10::TensorImpl* g = grad_impl(i + 4)) __builtin_prefetch(g);
+      if (const c10::TensorImpl* g = grad_impl(i + 4)) prefetch_object(g);
     }
     if (i + 2 < n) {
       const c10::TensorImpl* g = grad_impl(i + 2);
       if (g != nullptr && g->has_storage()) __builtin_prefetch(g->unsafe_storage().unsafeGetStorageImpl());
     }
   }
-  const c10::TensorImpl* grad_impl(size_t i) const {
+  // Each param's version counter is one more object of its own (for writing).
+  void prefetch_version_ahead(size_t i, size_t n) const {
+    if (i + 16 < n) __builtin_prefetch(t_.params[i + 16].unsafeGetTensorImpl());
+    if (i + 8 < n) {
+      // The counter's address, read through VariableVersion's one pointer member: torch gives no
+      // accessor, and a prefetch of a wrong address would only be useless, never unsafe.
+      static_assert(sizeof(c10::VariableVersion) == sizeof(void*));
+      const c10::VariableVersion& v = t_.params[i + 8].unsafeGetTensorImpl()->version_counter();
+      __builtin_prefetch(*reinterpret_cast<const void* const*>(&v), 1);
+    }
+  }
+  template <typename T>
+  static void prefetch_object(const T* obj) {
+    const char* p = reinterpret_cast<const char*>(obj);
+    for (size_t off = 0; off < sizeof(T); off += 64) __builtin_prefetch(p + off);
+    __builtin_prefetch(p + sizeof(T) - 1);
+  }
+  // The param's grad, read as TensorImpl::grad() does but without its virtual call.
+  const at::Tensor& grad_of(size_t i) const {
+    static const at::Tensor undefined;
     const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(
         t_.params[i].unsafeGetTensorImpl()->autograd_meta());
-    return meta == nullptr || !meta->grad_.defined() ? nullptr : meta->grad_.unsafeGetTensorImpl();
+    return meta == nullptr ? undefined : meta->grad_;
+  }
+  const c10::TensorImpl* grad_impl(size_t i) const {
+    const at::Tensor& g = grad_of(i);
+    return g.defined() ? g.unsafeGetTensorImpl() : nullptr;
   }
 
-  // Every state tensor still has the storage and size the table was validated with (a storage
-  // swapped in place, `.data = ...` or `.set_()`, makes the step validate again).
-  bool states_unmoved() const {
-    size_t j = 0;
+  // Every state tensor of params [begin, end) (of n) still has the storage and size the table
+  // was validated with (a storage swapped in place, `.data = ...` or `.set_()`, makes the step
+  // validate again). Each list is split in proportion to the params (threads take their share).
+  bool states_unmoved(size_t begin, size_t end, size_t n) const {
+    size_t offset = 0;
     for (const std::vector<at::Tensor>* list : {&t_.states, &t_.masters, &t_.steps}) {
-      for (const at::Tensor& t : *list) {
-        if (!(storage_of(t) == held_[j++])) return false;
+      const size_t m = list->size(), from = begin * m / n, to = end * m / n;
+      for (size_t j = from; j < to; ++j) {
+        if (j + 8 < to) prefetch_object((*list)[j + 8].unsafeGetTensorImpl());
+        if (!(storage_of((*list)[j]) == held_[offset + j])) return false;
       }
+      offset += m;
     }
     return true;
   }

@@ -268,3 +268,54 @@ def test_param_replaced_in_its_group_list_is_stepped_instead(name, device):
     old.grad = torch.ones_like(old)
     fo.step()
     assert torch.equal(old.detach(), frozen), "the param taken out of its group was still updated"
+
+
+# Enough params that the step's per-param check runs as two threads' shares (StepPlan's
+# kCheckGrain is 2,048 params), in two groups: every change below hits the last param, which only
+# the second share reads.
+MANY = [([(1,)] * 1300, {}), ([(2,)] * 800, {"lr": 0.02})]
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("change", ["state-data", "grad-lost", "grad-misfit"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_plan_checked_by_threads_notices_a_change_in_its_last_param(name, change, device, two_threads):
+    """2,100 params, the step's check split over two threads: the last param's state storage
+    swapped (honoured, as torch), its grad lost (skipped, as torch) or swapped for a misfit (the
+    fresh step's error, nothing changed)."""
+    key = STATE_KEY[name]
+    if change == "state-data":
+        def edit(t, side):
+            if t == 3:
+                held = side.opt.state[side.params[-1]][key]
+                held.data = held.detach().clone() * 0.5
+
+        run_with_edits(name, MANY, dtype=DT, device=device, ctor=CTORS[name], seed=11,
+                       steps=5, edit=edit, what=f"last {key} swapped by .data")
+        return
+    ref, fo = build_pair(name, MANY, dtype=DT, device=device, ctor=CTORS[name])
+    gen = make_gen(12)
+    for _ in range(2):
+        feed_same_grads(ref, fo, gen, dtype=DT)
+        ref.step()
+        fo.step()
+    if change == "grad-lost":
+        mask = [True] * (len(fo.params) - 1) + [False]
+        feed_same_grads(ref, fo, gen, dtype=DT, mask=mask)
+        ref.step()
+        fo.step()
+        assert_pair_close(ref, fo, DT, "a step without the last param's grad")
+        return
+    feed_same_grads(ref, fo, gen, dtype=DT)
+    fo.params[-1].grad.data = fo.params[-1].grad.data.float()
+    before = [p.detach().clone() for p in fo.params]
+    with pytest.raises((RuntimeError, TypeError), match="dtype"):
+        fo.opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(fo.params, before)), "a refused step changed a param"
