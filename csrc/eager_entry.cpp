@@ -316,8 +316,7 @@ class StepPlan {
     const size_t n = t_.params.size();
     const Check check = check_all();
     if (check == Check::no_grad) return false;
-    const bool fits = check == Check::fits;
-    if (fits) {
+    if (check == Check::fits) {
       for (const int64_t k : last_fresh_) table_.tensors[static_cast<size_t>(k)].fresh = false;
       read_hyper(op, a.hyper, table_.num_groups, table_.num_cols, table_);
       const bool unscaling = a.grad_scale.has_value();
@@ -332,12 +331,12 @@ class StepPlan {
                        a.found_inf, clip_t, seed);
     } else {
       valid_ = false;
-      t_.grads.clear();
-      for (const at::Tensor& p : t_.params) t_.grads.push_back(p.grad());
-      table_ = collect_step_args(op, rule_, t_.params, t_.grads, t_.states, t_.masters, t_.steps,
+      std::vector<at::Tensor> grads;  // for this call only: the plan keeps no grad alive
+      grads.reserve(n);
+      for (size_t i = 0; i < n; ++i) grads.push_back(grad_of(i));
+      table_ = collect_step_args(op, rule_, t_.params, grads, t_.states, t_.masters, t_.steps,
                                  group_sizes_, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
                                  a.schedule_state, a.schedule, clip_t, master_mode_, seed);
-      t_.grads.clear();  // the plan keeps no grad alive between steps
       record_state_storage();
       valid_ = true;
     }
@@ -478,7 +477,7 @@ class StepPlan {
 
   RuleId id_;
   std::string rule_;
-  PlanTensors t_;  // params and state tensors (no grads)
+  PlanTensors t_;  // params and state tensors (its grads stay empty: read at every step)
   std::vector<StateStorage> held_;  // of t_'s states, masters and steps, in that order
   std::vector<int64_t> group_sizes_;
   std::vector<uint32_t> roles_;

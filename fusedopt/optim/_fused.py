@@ -462,10 +462,14 @@ class FusedStepMixin:
                 batch.group_sizes[gi] += 1
                 batch.origin.append((gi, k))
                 batch.extra.append(self._entry_extra(group))
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        params = self._all_params()
         if signature is not None:  # the state as the build left it (lazy state, flat state)
             signature = self._signature()
         return _Plan(signature, list(batches.values()), without_grad, params)
+
+    def _all_params(self) -> list[Tensor]:
+        """Every param of every group, in order."""
+        return list(chain.from_iterable(g["params"] for g in self.param_groups))
 
     def _flat_state(self, p: Tensor, state: dict) -> None:
         """A param in flat storage (fusedopt.flatten_) keeps its state in flat buffers too, so the
@@ -483,7 +487,7 @@ class FusedStepMixin:
         optimizer's is zeroed in one memset."""
         if not flat.any_flat():
             return super().zero_grad(set_to_none)
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        params = self._all_params()
         buckets = flat.owned_buckets(params)
         if not buckets:
             return super().zero_grad(set_to_none)
