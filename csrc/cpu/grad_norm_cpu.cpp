@@ -174,22 +174,36 @@ double chunk_vec_f64(const double* p, int64_t begin, int64_t end, NormKind kind,
   return norm_combine(kind, head, chunk_scalar(p, i, end, kind, 0.0, scaled, inv_f));
 }
 
-// The sum of squares of float32 grads (unscaled by `inv` first when scaled), the hot case, at the speed of a plain read: each
-// 128-element block is summed in float (four FMA chains, each lane adding 4 squares: a relative
-// error of a few float32 ulps on a block, random in sign across blocks) and the block sums are
-// accumulated in float64. Widening every element to double instead made this pass compute-bound
-// (about 20% slower on 2 cores).
+// Sub-ranges of a chunk read in lockstep. One sequential stream per core leaves the memory system
+// idle between the prefetcher's requests; four, advanced a block at a time, keep it busy (a plain
+// read of 500 MB on 2 cores: about 25% faster than one stream, and than software prefetch).
+constexpr int kStreams = 4;
+
+// Calls block(j, i) for each of the kStreams block-aligned shares of [begin, end), share j's
+// blocks in order, the shares in turn; returns where the elements left over start.
+template <int64_t Block, typename F>
+inline int64_t in_lockstep(int64_t begin, int64_t end, const F& block) {
+  const int64_t share = (end - begin) / (kStreams * Block) * Block;
+  for (int64_t k = 0; k < share; k += Block) {
+    for (int j = 0; j < kStreams; ++j) block(j, begin + j * share + k);
+  }
+  return begin + kStreams * share;
+}
+
+// The sum of squares of float32 grads (unscaled by `inv` first when scaled), the hot case, at the
+// speed of a plain read: each 128-element block is summed in float (four FMA chains, each lane
+// adding 4 squares: a relative error of a few float32 ulps on a block, random in sign across
+// blocks) and the block sums are accumulated in float64, per share, combined in a fixed order.
+// Widening every element to double instead made this pass compute-bound (about 20% slower on
+// 2 cores).
 double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float inv_f) {
   constexpr int64_t kBlock = 128;
-  constexpr int64_t kPrefetchAhead = 1024;  // 4 KB ahead: measured 3-5% faster than none or 512
   const __m256 inv = _mm256_set1_ps(inv_f);
-  __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-  int64_t i = begin;
-  for (; i + kBlock <= end; i += kBlock) {
+  __m256d lo[kStreams], hi[kStreams];
+  for (int j = 0; j < kStreams; ++j) lo[j] = hi[j] = _mm256_setzero_pd();
+  const auto block = [&](int j, int64_t i) {
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t k = 0; k < kBlock; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(p + i + k + kPrefetchAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + i + k + kPrefetchAhead + 16), _MM_HINT_T0);
       __m256 a = _mm256_loadu_ps(p + i + k);
       __m256 b = _mm256_loadu_ps(p + i + k + 8);
       __m256 c = _mm256_loadu_ps(p + i + k + 16);
@@ -206,10 +220,13 @@ double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float 
       f3 = _mm256_fmadd_ps(d, d, f3);
     }
     const __m256 f = _mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3));
-    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-  }
-  const double head = hsum(_mm256_add_pd(s0, s1));
+    lo[j] = _mm256_add_pd(lo[j], _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    hi[j] = _mm256_add_pd(hi[j], _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+  };
+  int64_t i = in_lockstep<kBlock>(begin, end, block);
+  for (; i + kBlock <= end; i += kBlock) block(0, i);  // the blocks left over, in share 0
+  double head = 0.0;
+  for (int j = 0; j < kStreams; ++j) head += hsum(_mm256_add_pd(lo[j], hi[j]));
   return head + chunk_scalar(p, i, end, NormKind::two, 0.0, scaled, inv_f);
 }
 #endif
