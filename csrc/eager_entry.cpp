@@ -319,6 +319,9 @@ class StepPlan {
     if (check == Check::fits) {
       for (const int64_t k : last_fresh_) table_.tensors[static_cast<size_t>(k)].fresh = false;
       read_hyper(op, a.hyper, table_.num_groups, table_.num_cols, table_);
+      finish_step_args(op, table_, fresh, a.lrs, a.schedule_state, a.schedule, a.grad_scale,
+                       a.found_inf, clip_t, seed);
+      // the step will run: what it writes gets a new version (after the checks, which may throw)
       const bool unscaling = a.grad_scale.has_value();
       at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
         for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
@@ -327,8 +330,6 @@ class StepPlan {
           if (unscaling) bump_version(grad_of(i));
         }
       });
-      finish_step_args(op, table_, fresh, a.lrs, a.schedule_state, a.schedule, a.grad_scale,
-                       a.found_inf, clip_t, seed);
     } else {
       valid_ = false;
       std::vector<at::Tensor> grads;  // for this call only: the plan keeps no grad alive

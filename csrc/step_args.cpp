@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include <string>
 
 #include "update_rules.h"
@@ -311,6 +314,37 @@ StepArgs collect_common(const char* op, RuleId rule, at::TensorList params, at::
   return out;
 }
 
+// With a grad scale every kernel writes each grad back unscaled, in place (as torch's fused
+// optimizers do). Two params whose grads share memory would each unscale it, concurrently: refused,
+// naming both. Grads are usually in ascending address order already (flat storage) or nearly so;
+// sorting is only needed to find the pair.
+void check_grads_apart(const char* op, const StepArgs& out) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t i;
+  };
+  std::vector<Span> spans;
+  spans.reserve(out.tensors.size());
+  for (size_t i = 0; i < out.tensors.size(); ++i) {
+    const TensorSlot& s = out.tensors[i];
+    if (s.numel == 0 || s.grad == nullptr) continue;
+    const auto b = reinterpret_cast<uintptr_t>(s.grad);
+    spans.push_back({b, b + static_cast<uintptr_t>(s.numel * elem_size(s.dtype)), i});
+  }
+  const auto apart = [](const Span& a, const Span& b) { return a.end <= b.begin; };
+  bool ordered = true;
+  for (size_t k = 1; k < spans.size() && ordered; ++k) ordered = apart(spans[k - 1], spans[k]);
+  if (ordered) return;
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (apart(spans[k - 1], spans[k])) continue;
+    const size_t i = std::min(spans[k - 1].i, spans[k].i), j = std::max(spans[k - 1].i, spans[k].i);
+    TORCH_CHECK(false, op, ": params[", i, "] and params[", j, "] have grads that share memory; "
+                "with a grad scale (GradScaler) the step unscales every grad in place, so a shared "
+                "grad would be unscaled twice: give each param a grad of its own (e.g. .clone())");
+  }
+}
+
 // The arguments after the tensor lists, also shared: lr tensors, the in-kernel schedule, the
 // GradScaler scalars and the clip.
 void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
@@ -320,7 +354,10 @@ void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
                    const std::optional<at::Tensor>& clip = std::nullopt) {
   resolve_lrs(op, out, lr_tensors);
   read_schedule(op, out, schedule_state, schedule);
-  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+  if (grad_scale.has_value()) {
+    check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+    check_grads_apart(op, out);
+  }
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
   if (clip.has_value()) {
     const at::Tensor& c = *clip;

@@ -107,21 +107,32 @@ class FlatBucket:
         view = buf[index]
         return view if key == "step" else view.view(p.shape)
 
-    def rehome_state(self, i: int, p: Tensor, state: dict) -> list[tuple[Tensor, Tensor]]:
-        """Moves the tensors of param i's state dict into the flat state (copying their values);
-        returns (old, new) for each tensor moved."""
-        moved = []
-        for key, value in list(state.items()):
+    def state_moves(self, i: int, p: Tensor, state: dict) -> list[tuple[dict, str, Tensor, Tensor]]:
+        """The tensors of param i's state dict that belong elsewhere in the flat state, as
+        (state, key, tensor, its place); ``move_states`` moves them."""
+        moves = []
+        for key, value in state.items():
             if type(value) is not Tensor or value.layout != torch.strided or value.is_complex():
                 continue
             view = self._state_view(key, i, p, value)
-            if view is None or view.data_ptr() == value.data_ptr():
-                continue
-            with torch.no_grad():
-                view.copy_(value)
-            state[key] = view
-            moved.append((value, view))
-        return moved
+            if view is not None and view.data_ptr() != value.data_ptr():
+                moves.append((state, key, value, view))
+        return moves
+
+
+def move_states(moves: list[tuple[dict, str, Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Copies each tensor of ``state_moves`` to its place and puts the place in its state dict;
+    returns (old, new) for each. All at once: state dicts swapped or moved between params hold
+    tensors at other params' places, which a copy in turn would overwrite before they are read."""
+    targets = {view.untyped_storage().data_ptr() for _, _, _, view in moves}
+    with torch.no_grad():
+        sources = [value.clone() if value.untyped_storage().data_ptr() in targets else value
+                   for _, _, value, _ in moves]
+        for (_, _, _, view), source in zip(moves, sources):
+            view.copy_(source)
+    for state, key, _, view in moves:
+        state[key] = view
+    return [(value, view) for _, _, value, view in moves]
 
 
 class FlatParams:

@@ -14,7 +14,8 @@ graph it cannot run at all, and under ``torch.compile`` a float lr that changes 
         opt.zero_grad()
 
 Each step uses lr(t) where t counts the optimizer's completed steps (a step skipped by GradScaler
-does not count), so the trajectory is the host scheduler's. ``group["lr"]`` becomes a tensor the
+does not count; one in which no param has a grad does, on the host), so the trajectory is the host
+scheduler's. ``group["lr"]`` becomes a tensor the
 kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. No host work happens
 per step for the lr, and a whole training step captured in a CUDA graph follows the schedule
 across replays. Schedules without a closed form (LambdaLR, ReduceLROnPlateau, ...) stay on the
@@ -83,6 +84,14 @@ class InKernelSchedule:
                 lr = group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=self.device)
             lrs.append(lr)
         return self.table, [self._counter] + lrs, self.group_rows
+
+    def advance(self) -> None:
+        """Counts a step that ran no kernel (no param had a grad), as the host scheduler's
+        ``step()`` would: t advances and the groups' lrs become lr(t + 1)."""
+        t = self.last_epoch + 1
+        self._counter.fill_(t)
+        for group_phases, lr in zip(self.phases, self.kernel_args()[1][1:]):
+            lr.fill_(evaluate_phases(group_phases, t))
 
     # -- the LRScheduler-like surface ----------------------------------------------------------
 

@@ -402,8 +402,18 @@ class FusedStepMixin:
         first: dict[bool, str] = {}  # is a DTensor -> where the first such param is
         n = len(self.param_groups)
         flat_params = flat.any_flat()
+        flat_moves: list = []
+        seen: dict[int, tuple[int, int]] = {}  # id(param) -> its place
+        spec = RULES[self._rule]
         for gi, group in enumerate(self.param_groups):
+            needed = None  # the state keys this group's step reads, as torch.optim would index them
             for k, p in enumerate(group["params"]):
+                if seen.setdefault(id(p), (gi, k)) != (gi, k):
+                    g0, k0 = seen[id(p)]
+                    raise ValueError(
+                        f"fusedopt.{name}: param_groups[{gi}]['params'][{k}] is the same tensor as "
+                        f"param_groups[{g0}]['params'][{k0}]; a fused step updates each param once, so "
+                        "it may appear only once (torch.optim's add_param_group refuses it too)")
                 grad = p.grad
                 if grad is None:
                     without_grad.append(p)
@@ -426,8 +436,15 @@ class FusedStepMixin:
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 self._prepare_precision(p, state)
+                if needed is None:
+                    mask = _role_mask(spec, self._hyper_row(group))
+                    needed = [key for r, key in enumerate(spec["roles"]) if mask >> r & 1]
+                    needed += ["step"] if spec["has_step"] else []
+                for key in needed:
+                    if key not in state:  # deleted by hand from a started state: torch's KeyError
+                        raise KeyError(key)
                 if flat_params and not is_dt:
-                    self._flat_state(p, state)
+                    self._flat_state(p, state, flat_moves)
                 batch = batches.get((p.device, is_dt))
                 if batch is None:
                     batch = batches[(p.device, is_dt)] = _Batch(p.device, n, dtensor=is_dt)
@@ -462,6 +479,8 @@ class FusedStepMixin:
                 batch.group_sizes[gi] += 1
                 batch.origin.append((gi, k))
                 batch.extra.append(self._entry_extra(group))
+        for old, new in flat.move_states(flat_moves):
+            self._state_moved(old, new)
         params = self._all_params()
         if signature is not None:  # the state as the build left it (lazy state, flat state)
             signature = self._signature()
@@ -471,13 +490,13 @@ class FusedStepMixin:
         """Every param of every group, in order."""
         return list(chain.from_iterable(g["params"] for g in self.param_groups))
 
-    def _flat_state(self, p: Tensor, state: dict) -> None:
+    def _flat_state(self, p: Tensor, state: dict, moves: list) -> None:
         """A param in flat storage (fusedopt.flatten_) keeps its state in flat buffers too, so the
-        fused step merges it with its neighbours: state made or loaded elsewhere moves there."""
+        fused step merges it with its neighbours: state made or loaded elsewhere moves there (all
+        moves at once, after the plan's loop)."""
         slot = flat.slot_of(p)
         if slot is not None:
-            for old, new in slot[0].rehome_state(slot[1], p, state):
-                self._state_moved(old, new)
+            moves += slot[0].state_moves(slot[1], p, state)
 
     def _state_moved(self, old: Tensor, new: Tensor) -> None:
         """A state tensor moved into flat storage (SGD carries its fresh mark over)."""
@@ -737,6 +756,9 @@ class FusedStepMixin:
             clips = self._clip_grads(plan, grad_scale)
         done: set[torch.device] = set()
         for _ in range(2):
+            if not plan.batches and not done and self._kernel_schedule is not None:
+                self._kernel_schedule.advance()  # no param has a grad: no kernel counts this step
+                return loss
             stale = False
             for batch in plan.batches:
                 if batch.device in done:
@@ -865,12 +887,15 @@ def _local_state(name: str, where: str, p: Tensor, state: dict) -> dict:
 
 
 def _locate(e: Exception, batch: _Batch) -> Exception:
-    """The op's error with its list index translated to the param's place in param_groups."""
+    """The op's error with its list indices translated to the params' places in param_groups."""
     msg = str(e)
-    m = _INDEX.search(msg)
-    if m and int(m.group(1)) < len(batch.origin):
-        g, k = batch.origin[int(m.group(1))]
-        msg = f"{msg} [params[{m.group(1)}] of this step is param_groups[{g}]['params'][{k}]]"
+    places = []
+    for i in dict.fromkeys(int(m.group(1)) for m in _INDEX.finditer(msg)):
+        if i < len(batch.origin):
+            g, k = batch.origin[i]
+            places.append(f"params[{i}] of this step is param_groups[{g}]['params'][{k}]")
+    if places:
+        msg = f"{msg} [{'; '.join(places)}]"
     try:
         return type(e)(msg)
     except Exception:  # an exception type that does not take one message

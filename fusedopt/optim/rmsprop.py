@@ -19,6 +19,7 @@ class RMSprop(FusedStepMixin, torch.optim.RMSprop):
         + _PRECISION_DOC + "\n" + (torch.optim.RMSprop.__doc__ or "")
     )
     _rule = "rmsprop"
+    _sparse_hint = "neither does torch.optim.RMSprop"
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
