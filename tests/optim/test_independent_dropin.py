@@ -721,6 +721,20 @@ def _metric(s):
     return [1.0, 0.9, 0.95, 0.96, 0.97, 0.5][s % 6]
 
 
+def _step_both(pt, pf, ot, of, st, sf, g, s, sched):
+    """One training iteration of the torch and the fusedopt side: the same grads, each optimizer's
+    step, then each scheduler's (ReduceLROnPlateau on the same metric)."""
+    set_grads(pt, pf, g)
+    ot.step()
+    of.step()
+    if sched == "ReduceLROnPlateau":
+        st.step(_metric(s))
+        sf.step(_metric(s))
+    else:
+        st.step()
+        sf.step()
+
+
 @pytest.mark.parametrize("ckpt", [None, 13], ids=["straight", "ckpt13"])
 @pytest.mark.parametrize("opt", [n for n, _ in SCHED_OPTS])
 @pytest.mark.parametrize("sched", list(SCHEDULERS))
@@ -733,15 +747,7 @@ def test_scheduler_trajectory_and_checkpoint(sched, opt, ckpt):
         st, sf = SCHEDULERS[sched](ot), SCHEDULERS[sched](of)
         g = torch.Generator().manual_seed(20)
         for s in range(32):
-            set_grads(pt, pf, g)
-            ot.step()
-            of.step()
-            if sched == "ReduceLROnPlateau":
-                st.step(_metric(s))
-                sf.step(_metric(s))
-            else:
-                st.step()
-                sf.step()
+            _step_both(pt, pf, ot, of, st, sf, g, s, sched)
             if s == ckpt:  # resume fusedopt from fresh objects
                 osd, ssd = copy.deepcopy(of.state_dict()), copy.deepcopy(sf.state_dict())
                 of = F(opt)(groups(pf), **kw)
@@ -774,15 +780,7 @@ def test_scheduler_with_tensor_lr(sched, opt):
         st, sf = SCHEDULERS[sched](ot), SCHEDULERS[sched](of)
         g = torch.Generator().manual_seed(21)
         for s in range(30):
-            set_grads(pt, pf, g)
-            ot.step()
-            of.step()
-            if sched == "ReduceLROnPlateau":
-                st.step(_metric(s))
-                sf.step(_metric(s))
-            else:
-                st.step()
-                sf.step()
+            _step_both(pt, pf, ot, of, st, sf, g, s, sched)
             assert torch.is_tensor(of.param_groups[0]["lr"]) == torch.is_tensor(ot.param_groups[0]["lr"])
             assert float(of.param_groups[0]["lr"]) == pytest.approx(float(ot.param_groups[0]["lr"]), rel=1e-6)
     assert_params_close(pt, pf)
