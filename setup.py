@@ -5,8 +5,9 @@ Environment switches:
                       unset: on when torch is a CUDA build and a CUDA toolkit is found.
                       Never decided by a visible GPU: CUDA code compiles on GPU-less machines.
   FUSEDOPT_NO_EXTENSION=1   build the pure-Python package only (fusedopt then warns on import).
-  FUSEDOPT_CPU_AVX2=1|0     compile the CPU kernels for AVX2+FMA+F16C (default: when the
-                      build machine's CPU has them; the import checks the running CPU).
+  FUSEDOPT_CPU_ISA=avx512|avx2|default   instruction set of the CPU kernels: AVX-512 (F, BW,
+                      VL, DQ, as torch's AVX512 kernels), AVX2+FMA+F16C, or none (default: the
+                      best the build machine's CPU has; the import checks the running CPU).
   CUDA_HOME           the toolkit; else /usr/local/cuda, else the toolkit behind `nvcc`.
   TORCH_CUDA_ARCH_LIST  GPU architectures (default: the visible GPUs, else "9.0+PTX").
   MAX_JOBS            parallel compile jobs (ninja).
@@ -63,12 +64,28 @@ def find_cuda_toolkit():
     return None
 
 
-def _cpu_has_avx2():
+_ISA_FLAGS = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+}
+
+
+def _cpu_isa():
+    """FUSEDOPT_CPU_ISA, or the best instruction set /proc/cpuinfo lists."""
+    chosen = os.environ.get("FUSEDOPT_CPU_ISA", "").strip().lower()
+    if chosen not in ("", "auto"):
+        if chosen not in ("avx512", "avx2", "default"):
+            sys.exit(f"fusedopt setup: FUSEDOPT_CPU_ISA={chosen!r} is not one of "
+                     "avx512/avx2/default/auto")
+        return chosen
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+        return "default"
+    for isa in ("avx512", "avx2"):
+        if all(f in flags for f in _ISA_FLAGS[isa]):
+            return isa
+    return "default"
 
 
 def _write_build_info(torch_version, cuda_version, with_cuda):
@@ -104,9 +121,7 @@ def extensions_and_cmdclass():
         )
     with_cuda = bool(torch_cuda and toolkit) if want_cuda is None else want_cuda
 
-    avx2 = _env_flag("FUSEDOPT_CPU_AVX2")
-    if avx2 is None:
-        avx2 = _cpu_has_avx2()
+    isa = _cpu_isa()
 
     # -ffp-contract=off: no a * b + c fused behind our back. The rules mirror torch's separate
     # multiplies and adds, and the vector loop and its scalar tail must round the same way.
@@ -114,7 +129,12 @@ def extensions_and_cmdclass():
     define_macros = []
     # at::vec picks its instruction set from CPU_CAPABILITY; symbols stay hidden in our .so,
     # so these inline copies never interpose on torch's own.
-    if avx2:
+    # FUSEDOPT_CPU_AVX2: x86 with at least AVX2, where the kernels' own intrinsics apply.
+    if isa == "avx512":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        define_macros += [("FUSEDOPT_CPU_AVX2", None), ("FUSEDOPT_CPU_AVX512", None),
+                          ("CPU_CAPABILITY", "AVX512"), ("CPU_CAPABILITY_AVX512", None)]
+    elif isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c"]
         define_macros += [("FUSEDOPT_CPU_AVX2", None), ("CPU_CAPABILITY", "AVX2"),
                           ("CPU_CAPABILITY_AVX2", None)]
@@ -155,7 +175,7 @@ def extensions_and_cmdclass():
     print(
         f"fusedopt setup: torch {torch.__version__}, CUDA kernels "
         f"{'ON (toolkit ' + str(toolkit) + ')' if with_cuda else 'OFF'}, CPU ISA "
-        f"{'avx2' if avx2 else 'default'}",
+        f"{isa}",
         flush=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

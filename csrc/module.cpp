@@ -26,8 +26,14 @@ py::dict columns(std::initializer_list<std::pair<const char*, int>> cols) {
 
 bool cpu_supports_build_isa() {
 #if defined(FUSEDOPT_CPU_AVX2) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+#if defined(FUSEDOPT_CPU_AVX512)
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return avx2;
+#endif
 #else
   return true;
 #endif
@@ -59,7 +65,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
-#ifdef FUSEDOPT_CPU_AVX2
+#if defined(FUSEDOPT_CPU_AVX512)
+  m.attr("CPU_ISA") = "avx512";
+#elif defined(FUSEDOPT_CPU_AVX2)
   m.attr("CPU_ISA") = "avx2";
 #else
   m.attr("CPU_ISA") = "default";

@@ -46,7 +46,7 @@ def _load() -> None:
     if not module.cpu_supports_build_isa():
         _error = (
             f"fusedopt._C was compiled for the {module.CPU_ISA} instruction set, which this CPU "
-            "lacks. Rebuild with FUSEDOPT_CPU_AVX2=0."
+            "lacks. Rebuild on this machine, or with FUSEDOPT_CPU_ISA=avx2 or default."
         )
         return
     _C = module

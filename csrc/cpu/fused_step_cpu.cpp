@@ -126,79 +126,49 @@ S* math_view(void* base, Elem e, int64_t begin, int64_t n, S* scratch) {
 #if defined(FUSEDOPT_CPU_AVX2)
 using VecF = at::vec::Vectorized<float>;
 
-// A storage type fixed at compile time, or kDynamic: the one passed at run time. The register
-// path is instantiated for the common role layouts, where the conversions then have no branches.
-constexpr int kDynamic = -1;
+// The register path's conversions, for the vector width at::vec was built with: W float lanes
+// (8 with AVX2, 16 with AVX-512) and their W 16-bit values in one half-width integer register
+// (`Bits`), 2W of them in a full-width one (`Bits2`). The rounding instructions are the ones
+// at::vec::convert uses, so the bits equal the block path's.
+#if defined(CPU_CAPABILITY_AVX512)
+using Bits = __m256i;
+using Bits2 = __m512i;
+C10_ALWAYS_INLINE Bits load_bits(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+C10_ALWAYS_INLINE void store_bits(uint16_t* p, Bits b) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b); }
+C10_ALWAYS_INLINE Bits2 load_bits2(const uint16_t* p) { return _mm512_loadu_si512(p); }
+C10_ALWAYS_INLINE void store_bits2(uint16_t* p, Bits2 b) { _mm512_storeu_si512(p, b); }
+C10_ALWAYS_INLINE Bits low_bits(Bits2 b) { return _mm512_castsi512_si256(b); }
+C10_ALWAYS_INLINE Bits high_bits(Bits2 b) { return _mm512_extracti64x4_epi64(b, 1); }
+C10_ALWAYS_INLINE Bits2 join_bits(Bits lo, Bits hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+C10_ALWAYS_INLINE VecF widen_bf16(Bits h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+C10_ALWAYS_INLINE VecF widen_f16(Bits h) { return _mm512_cvtph_ps(h); }
+C10_ALWAYS_INLINE Bits narrow_f16(const VecF& v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 
-// 8 elements of a float32 / float16 / bfloat16 role as a float vector, converted in registers
-// (the block path below converts through L1 buffers instead). One vector at a time keeps the
-// update's values and coefficients in the 16 AVX2 registers.
-template <int E>
-C10_ALWAYS_INLINE VecF load8(const void* base, Elem dynamic, int64_t i) {
-  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
-  if (e == Elem::f32) return VecF::loadu(static_cast<const float*>(base) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-  if (e == Elem::bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  return _mm256_cvtph_ps(h);
+// bf16_bits_nearest_away (precision.h) of W floats.
+C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __m512i away = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x8000)), 16);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, away, quiet));  // 16 low halves
 }
+#else
+using Bits = __m128i;
+using Bits2 = __m256i;
+C10_ALWAYS_INLINE Bits load_bits(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+C10_ALWAYS_INLINE void store_bits(uint16_t* p, Bits b) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b); }
+C10_ALWAYS_INLINE Bits2 load_bits2(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+C10_ALWAYS_INLINE void store_bits2(uint16_t* p, Bits2 b) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b); }
+C10_ALWAYS_INLINE Bits low_bits(Bits2 b) { return _mm256_castsi256_si128(b); }
+C10_ALWAYS_INLINE Bits high_bits(Bits2 b) { return _mm256_extracti128_si256(b, 1); }
+C10_ALWAYS_INLINE Bits2 join_bits(Bits lo, Bits hi) { return _mm256_set_m128i(hi, lo); }
+C10_ALWAYS_INLINE VecF widen_bf16(Bits h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+C10_ALWAYS_INLINE VecF widen_f16(Bits h) { return _mm256_cvtph_ps(h); }
+C10_ALWAYS_INLINE Bits narrow_f16(const VecF& v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 
-// Stores 8 elements, rounded to nearest even with the instructions at::vec::convert uses, so
-// the bits equal the block path's.
-template <int E>
-C10_ALWAYS_INLINE void store8(void* base, Elem dynamic, int64_t i, const VecF& v) {
-  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
-  if (e == Elem::f32) {
-    v.store(static_cast<float*>(base) + i);
-    return;
-  }
-  auto* out = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i);
-  if (e == Elem::bf16) {
-    _mm_storeu_si128(out, at::vec::cvtfp32_bf16(v));
-  } else {
-    _mm_storeu_si128(out, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
-// 16 elements as two float vectors, and back: one 32-byte load or store per 16-bit role, and
-// one pack for both halves.
-template <int E>
-C10_ALWAYS_INLINE void load16(const void* base, Elem dynamic, int64_t i, VecF& a, VecF& b) {
-  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
-  if (e == Elem::f32) {
-    a = VecF::loadu(static_cast<const float*>(base) + i);
-    b = VecF::loadu(static_cast<const float*>(base) + i + 8);
-    return;
-  }
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
-  const __m128i lo = _mm256_castsi256_si128(h), hi = _mm256_extracti128_si256(h, 1);
-  if (e == Elem::bf16) {
-    a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16));
-    b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16));
-  } else {
-    a = _mm256_cvtph_ps(lo);
-    b = _mm256_cvtph_ps(hi);
-  }
-}
-
-template <int E>
-C10_ALWAYS_INLINE void store16(void* base, Elem dynamic, int64_t i, const VecF& a, const VecF& b) {
-  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
-  if (e == Elem::f32) {
-    a.store(static_cast<float*>(base) + i);
-    b.store(static_cast<float*>(base) + i + 8);
-    return;
-  }
-  auto* out = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i);
-  if (e == Elem::bf16) {
-    _mm256_storeu_si256(out, at::vec::cvtfp32_bf16(a, b));
-  } else {
-    _mm256_storeu_si256(out, _mm256_set_m128i(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT),
-                                              _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)));
-  }
-}
-
-// bf16_bits_nearest_away (precision.h) of 8 floats, stored.
-C10_ALWAYS_INLINE void store8_bf16_nearest_away(void* base, int64_t i, const VecF& v) {
+// bf16_bits_nearest_away (precision.h) of W floats.
+C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
   const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
@@ -206,9 +176,62 @@ C10_ALWAYS_INLINE void store8_bf16_nearest_away(void* base, int64_t i, const Vec
   const __m256i away = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x8000)), 16);
   const __m256i bits = _mm256_blendv_epi8(away, quiet, nan);
   // packus interleaves 128-bit lanes: the permute puts the 8 results in the low half, in order
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
-                   _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8));
+}
+#endif
+
+// A storage type fixed at compile time, or kDynamic: the one passed at run time. The register
+// path is instantiated for the common role layouts, where the conversions then have no branches.
+constexpr int kDynamic = -1;
+
+C10_ALWAYS_INLINE VecF widen(Elem e, Bits h) { return e == Elem::bf16 ? widen_bf16(h) : widen_f16(h); }
+
+// One vector (W elements) of a float32 / float16 / bfloat16 role as floats, converted in
+// registers (the block path below converts through L1 buffers instead).
+template <int E>
+C10_ALWAYS_INLINE VecF load_vec(const void* base, Elem dynamic, int64_t i) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) return VecF::loadu(static_cast<const float*>(base) + i);
+  return widen(e, load_bits(static_cast<const uint16_t*>(base) + i));
+}
+
+// Stores one vector, 16-bit roles rounded to nearest even.
+template <int E>
+C10_ALWAYS_INLINE void store_vec(void* base, Elem dynamic, int64_t i, const VecF& v) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    v.store(static_cast<float*>(base) + i);
+    return;
+  }
+  auto* out = static_cast<uint16_t*>(base) + i;
+  store_bits(out, e == Elem::bf16 ? at::vec::cvtfp32_bf16(v) : narrow_f16(v));
+}
+
+// Two vectors (2W elements), and back: one full-width load or store per 16-bit role, and one pack
+// for both halves.
+template <int E>
+C10_ALWAYS_INLINE void load_vec2(const void* base, Elem dynamic, int64_t i, VecF& a, VecF& b) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    a = VecF::loadu(static_cast<const float*>(base) + i);
+    b = VecF::loadu(static_cast<const float*>(base) + i + VecF::size());
+    return;
+  }
+  const Bits2 h = load_bits2(static_cast<const uint16_t*>(base) + i);
+  a = widen(e, low_bits(h));
+  b = widen(e, high_bits(h));
+}
+
+template <int E>
+C10_ALWAYS_INLINE void store_vec2(void* base, Elem dynamic, int64_t i, const VecF& a, const VecF& b) {
+  const Elem e = E == kDynamic ? dynamic : static_cast<Elem>(E);
+  if (e == Elem::f32) {
+    a.store(static_cast<float*>(base) + i);
+    b.store(static_cast<float*>(base) + i + VecF::size());
+    return;
+  }
+  auto* out = static_cast<uint16_t*>(base) + i;
+  store_bits2(out, e == Elem::bf16 ? at::vec::cvtfp32_bf16(a, b) : join_bits(narrow_f16(a), narrow_f16(b)));
 }
 
 // Whether the register path below can take a float-math tensor: every role float32, float16 or
@@ -226,22 +249,22 @@ inline bool register_path_fits(const TensorSlot& s, uint32_t roles, int kStates,
   return narrow;
 }
 
-// N (1 or 2) vectors of a role: 8 or 16 elements, 16-bit roles moved 16 or 32 bytes at a time.
+// N (1 or 2) vectors of a role.
 template <int E, int N>
 C10_ALWAYS_INLINE void load_n(const void* base, Elem dynamic, int64_t i, VecF* v) {
   if constexpr (N == 2) {
-    load16<E>(base, dynamic, i, v[0], v[1]);
+    load_vec2<E>(base, dynamic, i, v[0], v[1]);
   } else {
-    v[0] = load8<E>(base, dynamic, i);
+    v[0] = load_vec<E>(base, dynamic, i);
   }
 }
 
 template <int E, int N>
 C10_ALWAYS_INLINE void store_n(void* base, Elem dynamic, int64_t i, const VecF* v) {
   if constexpr (N == 2) {
-    store16<E>(base, dynamic, i, v[0], v[1]);
+    store_vec2<E>(base, dynamic, i, v[0], v[1]);
   } else {
-    store8<E>(base, dynamic, i, v[0]);
+    store_vec<E>(base, dynamic, i, v[0]);
   }
 }
 
@@ -285,7 +308,7 @@ int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint3
     store_n<PE, N>(pbase, pe, i, p);
     if (master) {
       if (s.dtype == Elem::bf16) {
-        for (int h = 0; h < N; ++h) store8_bf16_nearest_away(s.param, i + h * W, p[h]);
+        for (int h = 0; h < N; ++h) store_bits(static_cast<uint16_t*>(s.param) + i + h * W, bf16_nearest_away(p[h]));
       } else if (s.dtype != Elem::f32) {
         store_n<GE, N>(s.param, s.dtype, i, p);  // float16: to nearest even
       }
@@ -301,7 +324,7 @@ int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint3
 }
 
 // Two vectors a turn (two independent updates in flight) for rules with at most one state, then
-// one: Adam's two updates need more than the 16 registers and measured slower paired. The block
+// one: Adam's two updates measured slower paired, with AVX2's 16 registers and AVX-512's 32. The block
 // path takes what is left.
 template <typename Rule, int GE, int SE, int MASTER>
 int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,

@@ -5,6 +5,15 @@
 // Deterministic: each chunk of the work list reduces its elements in a fixed order into its own
 // slot of a vector indexed by chunk, and the slots are combined serially in chunk order. The chunks
 // do not depend on the thread count, so neither does any bit of the result.
+// The norm only reads, at memory speed, and its reductions are written for 256-bit vectors: in an
+// AVX-512 build this unit keeps at::vec's AVX2 flavour (its own inline namespace, as in torch's
+// per-capability kernels), so Vectorized<float> is 8 lanes here whatever the step kernel uses.
+#if defined(CPU_CAPABILITY_AVX512)
+#undef CPU_CAPABILITY_AVX512
+#undef CPU_CAPABILITY
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
