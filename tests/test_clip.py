@@ -280,9 +280,12 @@ def test_return_value_is_torchs_for_the_bit_identical_norm():
             assert torch.equal(out[1], coef), (out, coef, max_norm)
 
 
-def test_cpu_norm_is_bit_identical_across_thread_counts():
-    params = make_params([(1 << 20,), (3000, 70), (5,), (1 << 17,), (99_999,)],
-                         [torch.float32, torch.bfloat16, torch.float64, torch.float16], seed=13)
+@pytest.mark.parametrize("shapes", [
+    [(1 << 20,), (3000, 70), (5,), (1 << 17,), (99_999,)],
+    [(1 + k % 4,) for k in range(3000)],  # few elements in many tensors: also run on both threads
+], ids=["large", "many-tiny"])
+def test_cpu_norm_is_bit_identical_across_thread_counts(shapes):
+    params = make_params(shapes, [torch.float32, torch.bfloat16, torch.float64, torch.float16], seed=13)
     grads = [p.grad for p in params]
     before = torch.get_num_threads()
     results = {}
