@@ -10,7 +10,8 @@ std::vector<WorkChunk> build_work_list(const std::vector<int64_t>& numels, int64
   int64_t total_chunks = 0;
   for (int64_t n : numels) {
     if (n < 0) throw std::invalid_argument("fusedopt: negative tensor size in work list");
-    total_chunks += (n + chunk_elems - 1) / chunk_elems;
+    // (a 64-bit division costs more than the rest of a tensor's entry: most tensors fit one chunk)
+    total_chunks += n <= chunk_elems ? (n > 0 ? 1 : 0) : (n + chunk_elems - 1) / chunk_elems;
   }
   chunks.reserve(static_cast<size_t>(total_chunks));
   for (size_t t = 0; t < numels.size(); ++t) {
