@@ -153,6 +153,22 @@ C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
   const __m512i away = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x8000)), 16);
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, away, quiet));  // 16 low halves
 }
+
+// join_master (precision.h) of W params and remainders.
+C10_ALWAYS_INLINE VecF join_master_vec(Bits param_bits, Bits remainder) {
+  const __m512i r = _mm512_cvtepi16_epi32(remainder);  // sign-extended
+  const __m512i high = _mm512_add_epi32(_mm512_cvtepu16_epi32(param_bits), _mm512_srai_epi32(r, 31));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(high, 16),
+                                             _mm512_and_si512(r, _mm512_set1_epi32(0xffff))));
+}
+
+// split_master's remainder of W floats (its param is bf16_nearest_away): the low 16 bits, 0 for NaN.
+C10_ALWAYS_INLINE Bits remainder_bits(const VecF& v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 number = _mm512_cmple_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_maskz_and_epi32(number, u, _mm512_set1_epi32(0xffff)));
+}
 #else
 using Bits = __m128i;
 using Bits2 = __m256i;
@@ -177,6 +193,24 @@ C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
   const __m256i bits = _mm256_blendv_epi8(away, quiet, nan);
   // packus interleaves 128-bit lanes: the permute puts the 8 results in the low half, in order
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8));
+}
+
+// join_master (precision.h) of W params and remainders.
+C10_ALWAYS_INLINE VecF join_master_vec(Bits param_bits, Bits remainder) {
+  const __m256i r = _mm256_cvtepi16_epi32(remainder);  // sign-extended
+  const __m256i high = _mm256_add_epi32(_mm256_cvtepu16_epi32(param_bits), _mm256_srai_epi32(r, 31));
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(high, 16),
+                                             _mm256_and_si256(r, _mm256_set1_epi32(0xffff))));
+}
+
+// split_master's remainder of W floats (its param is bf16_nearest_away): the low 16 bits, 0 for NaN.
+C10_ALWAYS_INLINE Bits remainder_bits(const VecF& v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
+  const __m256i low = _mm256_andnot_si256(nan, _mm256_and_si256(u, _mm256_set1_epi32(0xffff)));
+  // (values below 2^16: the saturating pack keeps them; the permute orders the lanes)
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(low, low), 0xd8));
 }
 #endif
 
@@ -235,10 +269,11 @@ C10_ALWAYS_INLINE void store_vec2(void* base, Elem dynamic, int64_t i, const Vec
 }
 
 // Whether the register path below can take a float-math tensor: every role float32, float16 or
-// bfloat16, the param stored from the math value to nearest (no remainders, no stochastic
-// rounding), and some role stored in 16 bits (all-float32 tensors take the in-place block path).
+// bfloat16, the param stored from the math value to nearest or as a master and its remainder (no
+// stochastic rounding), and some role stored in 16 bits (all-float32 tensors take the in-place
+// block path).
 inline bool register_path_fits(const TensorSlot& s, uint32_t roles, int kStates, bool stochastic) {
-  if (s.dtype == Elem::f64 || s.master_kind == Master::remainder) return false;
+  if (s.dtype == Elem::f64) return false;
   if (stochastic && s.master_kind == Master::none && s.dtype == Elem::bf16) return false;
   bool narrow = s.dtype != Elem::f32;
   for (int k = 0; k < kStates; ++k) {
@@ -271,13 +306,17 @@ C10_ALWAYS_INLINE void store_n(void* base, Elem dynamic, int64_t i, const VecF* 
 // The elements [begin, end) of a float-math tensor N vectors a turn, every role converted in
 // registers; returns where it stopped. The same operations in the same order as the block path,
 // so the results are the same bits. GE: the grad's (and the param's) storage type; SE: every used
-// state's; MASTER: 1 with a float32 master, 0 without (each may be kDynamic).
+// state's; MASTER: the Master kind (0 none, 1 a float32 master, 2 a remainder; each may be
+// kDynamic).
 template <typename Rule, int GE, int SE, int MASTER, int N>
 int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
                           const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
   constexpr int kStates = Rule::kStates;
   constexpr int64_t W = VecF::size();
-  const bool master = MASTER == kDynamic ? s.master_kind == Master::full : MASTER == 1;
+  const Master kind = MASTER == kDynamic ? s.master_kind : static_cast<Master>(MASTER);
+  const bool master = kind == Master::full, remainder = kind == Master::remainder;
+  auto* const param_bits = static_cast<uint16_t*>(s.param);
+  auto* const remainder_base = static_cast<uint16_t*>(s.master);
   void* const pbase = master ? s.master : s.param;
   const Elem pe = master ? Elem::f32 : s.dtype;
   // the param's type inside the loop: float32 with a master, else the grad's
@@ -286,7 +325,13 @@ int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint3
   int64_t i = begin;
   for (; i + N * W <= end; i += N * W) {
     VecF p[N], g[N], st[N][kStates > 0 ? kStates : 1];
-    load_n<PE, N>(pbase, pe, i, p);
+    if (remainder) {
+      for (int h = 0; h < N; ++h) {
+        p[h] = join_master_vec(load_bits(param_bits + i + h * W), load_bits(remainder_base + i + h * W));
+      }
+    } else {
+      load_n<PE, N>(pbase, pe, i, p);
+    }
     load_n<GE, N>(s.grad, s.dtype, i, g);
     if (gs.unscale) {
       for (int h = 0; h < N; ++h) g[h] = g[h] * inv_scale;
@@ -305,10 +350,17 @@ int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint3
       for (int h = 0; h < N; ++h) st[h][k] = v[h];
     }
     for (int h = 0; h < N; ++h) Rule::template update<VecF, float>(p[h], g[h], st[h], s.fresh, c);
-    store_n<PE, N>(pbase, pe, i, p);
+    if (remainder) {  // split_master: the param to nearest, ties away, and the low bits
+      for (int h = 0; h < N; ++h) {
+        store_bits(param_bits + i + h * W, bf16_nearest_away(p[h]));
+        store_bits(remainder_base + i + h * W, remainder_bits(p[h]));
+      }
+    } else {
+      store_n<PE, N>(pbase, pe, i, p);
+    }
     if (master) {
       if (s.dtype == Elem::bf16) {
-        for (int h = 0; h < N; ++h) store_bits(static_cast<uint16_t*>(s.param) + i + h * W, bf16_nearest_away(p[h]));
+        for (int h = 0; h < N; ++h) store_bits(param_bits + i + h * W, bf16_nearest_away(p[h]));
       } else if (s.dtype != Elem::f32) {
         store_n<GE, N>(s.param, s.dtype, i, p);  // float16: to nearest even
       }
@@ -336,8 +388,9 @@ int64_t rule_registers(const TensorSlot& s, int64_t begin, int64_t end, uint32_t
 }
 
 // The register path for a tensor: a branch-free instantiation for the common layouts (16-bit
-// params with states in their dtype, or with a float32 master and float32 states; float32 params
-// with bfloat16 states), the dynamic one for the rest.
+// params with states in their dtype, or with a float32 master and float32 states; bfloat16 params
+// with remainders and bfloat16 states; float32 params with bfloat16 states), the dynamic one for
+// the rest.
 template <typename Rule>
 int64_t rule_registers_any(const TensorSlot& s, int64_t begin, int64_t end, uint32_t roles,
                            const typename Rule::template Coeffs<float>& c, const GradScalars& gs) {
@@ -352,13 +405,15 @@ int64_t rule_registers_any(const TensorSlot& s, int64_t begin, int64_t end, uint
     same = same && s.state_dtype[k] == state;
     first = false;
   }
-  const bool master = s.master_kind == Master::full;
+  const bool none = s.master_kind == Master::none, master = s.master_kind == Master::full,
+             remainder = s.master_kind == Master::remainder;
   if (same) {
-    if (!master && s.dtype == Elem::bf16 && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, 0>(s, begin, end, roles, c, gs);
-    if (!master && s.dtype == Elem::f16 && state == Elem::f16) return rule_registers<Rule, f16, f16, 0>(s, begin, end, roles, c, gs);
+    if (none && s.dtype == Elem::bf16 && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, 0>(s, begin, end, roles, c, gs);
+    if (none && s.dtype == Elem::f16 && state == Elem::f16) return rule_registers<Rule, f16, f16, 0>(s, begin, end, roles, c, gs);
     if (master && s.dtype == Elem::bf16 && state == Elem::f32) return rule_registers<Rule, bf16, f32, 1>(s, begin, end, roles, c, gs);
     if (master && s.dtype == Elem::f16 && state == Elem::f32) return rule_registers<Rule, f16, f32, 1>(s, begin, end, roles, c, gs);
-    if (!master && s.dtype == Elem::f32 && state == Elem::bf16) return rule_registers<Rule, f32, bf16, 0>(s, begin, end, roles, c, gs);
+    if (remainder && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, 2>(s, begin, end, roles, c, gs);
+    if (none && s.dtype == Elem::f32 && state == Elem::bf16) return rule_registers<Rule, f32, bf16, 0>(s, begin, end, roles, c, gs);
   }
   return rule_registers<Rule, kDynamic, kDynamic, kDynamic>(s, begin, end, roles, c, gs);
 }

@@ -1032,11 +1032,12 @@ def test_checkpoint_with_options_loads_into_torch(name, hp, mode, device):
 # ---------------------------------------------------------------------------------------------
 # The CPU kernel's two traversals agree bit for bit
 #
-# A 16-bit or mixed-precision tensor of 16 or more elements is updated mostly by a register path
-# (roles converted in registers, 8 or 16 elements a turn); the remaining elements, and a tensor of
-# fewer than 8, take the block path (roles converted through L1 buffers). Both must compute the
-# same bits: the same tensor stepped as one 40-element param (32 through the registers, 8 through
-# the blocks) and as 40 one-element params (all through the blocks) ends identical.
+# A 16-bit or mixed-precision tensor is updated mostly by a register path (roles converted in
+# registers, one or two vectors of 8 (AVX2) or 16 (AVX-512) elements a turn); the remaining
+# elements, and a tensor shorter than a vector, take the block path (roles converted through L1
+# buffers). Both must compute the same bits: the same tensor stepped as one 40-element param (32
+# through the registers, 8 through the blocks) and as 40 one-element params (all through the
+# blocks) ends identical.
 
 REGISTER_LAYOUTS = [
     pytest.param(torch.bfloat16, {}, id="bf16"),
@@ -1044,6 +1045,9 @@ REGISTER_LAYOUTS = [
     pytest.param(torch.bfloat16, dict(master_weights=True), id="bf16-master"),
     pytest.param(torch.bfloat16, dict(master_weights=True, state_dtype=torch.float32), id="bf16-master-fp32-state"),
     pytest.param(torch.float16, dict(master_weights=True, state_dtype=torch.float32), id="fp16-master-fp32-state"),
+    pytest.param(torch.bfloat16, dict(master_weights=True, master_remainders=True), id="bf16-remainder"),
+    pytest.param(torch.bfloat16, dict(master_weights=True, master_remainders=True, state_dtype=torch.float32),
+                 id="bf16-remainder-fp32-state"),
     pytest.param(torch.float32, dict(state_dtype=torch.bfloat16), id="fp32-bf16-state"),
     pytest.param(torch.bfloat16, dict(state_dtype=torch.float16), id="bf16-fp16-state"),
 ]
@@ -1083,3 +1087,39 @@ def test_register_and_block_paths_compute_the_same_bits(name, kwargs, dtype, opt
         if torch.is_tensor(value) and value.numel() == numel:
             joined = torch.cat([o_parts.state[p][key] for p in parts])
             assert value.dtype == joined.dtype and torch.equal(value, joined), f"state {key!r} differs"
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_register_path_splits_nan_masters_like_the_block_path(name):
+    """A NaN grad makes NaN masters: with remainders, both paths store a NaN param and a zero
+    remainder (split_master), and every other element bit for bit the same. (Which NaN the math
+    yields, its sign and payload, may differ between the vector and the scalar update, as it
+    does between torch's kernels.)"""
+    import fusedopt
+
+    g = torch.Generator().manual_seed(7)
+    numel = 40
+    init = torch.randn(numel, generator=g).to(torch.bfloat16)
+    whole = torch.nn.Parameter(init.clone())
+    parts = [torch.nn.Parameter(init[i:i + 1].clone()) for i in range(numel)]
+    kwargs = dict(lr=1e-2, master_weights=True, master_remainders=True)
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    o_whole = getattr(fusedopt, name)([whole], **kwargs)
+    o_parts = getattr(fusedopt, name)(parts, **kwargs)
+    for step in range(3):
+        grad = torch.randn(numel, generator=g).to(torch.bfloat16)
+        if step == 1:
+            grad[[3, 17, 35]] = float("nan")  # in the registers' vectors and in the block tail
+        whole.grad = grad.clone()
+        for i, p in enumerate(parts):
+            p.grad = grad[i:i + 1].clone()
+        o_whole.step()
+        o_parts.step()
+    joined = torch.cat([p.detach() for p in parts])
+    nan = whole.detach().isnan()
+    assert nan.sum() == 3 and torch.equal(nan, joined.isnan())
+    assert torch.equal(whole.detach()[~nan].view(torch.int16), joined[~nan].view(torch.int16))
+    rem = o_whole.state[whole]["master_remainder"]
+    assert torch.equal(rem, torch.cat([o_parts.state[p]["master_remainder"] for p in parts]))
+    assert (rem[whole.detach().isnan()] == 0).all()
