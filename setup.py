@@ -72,6 +72,8 @@ _ISA_FLAGS = {
 
 def _cpu_isa():
     """FUSEDOPT_CPU_ISA, or the best instruction set /proc/cpuinfo lists."""
+    if "FUSEDOPT_CPU_AVX2" in os.environ:
+        sys.exit("fusedopt setup: FUSEDOPT_CPU_AVX2 was replaced by FUSEDOPT_CPU_ISA=avx512|avx2|default")
     chosen = os.environ.get("FUSEDOPT_CPU_ISA", "").strip().lower()
     if chosen not in ("", "auto"):
         if chosen not in ("avx512", "avx2", "default"):
