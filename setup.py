@@ -90,12 +90,15 @@ def _cpu_isa():
     return "default"
 
 
-def _write_build_info(torch_version, cuda_version, with_cuda):
+def _write_build_info(torch_version, cuda_version, with_cuda, cpu_isa):
     (ROOT / "fusedopt" / "_build_info.py").write_text(
         "# Written by setup.py: what the compiled extension was built against.\n"
         f"TORCH_VERSION = {torch_version!r}\n"
         f"TORCH_CUDA_VERSION = {cuda_version!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
+        f"CPU_ISA = {cpu_isa!r}\n"
+        "# /proc/cpuinfo flags the code needs: checked before the library loads\n"
+        f"CPU_FLAGS = {_ISA_FLAGS.get(cpu_isa, ())!r}\n"
     )
 
 
@@ -173,7 +176,7 @@ def extensions_and_cmdclass():
         )
     else:
         ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    _write_build_info(torch.__version__, torch_cuda, with_cuda)
+    _write_build_info(torch.__version__, torch_cuda, with_cuda, isa)
     print(
         f"fusedopt setup: torch {torch.__version__}, CUDA kernels "
         f"{'ON (toolkit ' + str(toolkit) + ')' if with_cuda else 'OFF'}, CPU ISA "

@@ -20,6 +20,17 @@ _C = None
 _error: str | None = None
 
 
+def _missing_cpu_flags(required, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The flags of ``required`` that ``cpuinfo`` does not list ([] where it cannot be read: the
+    library then checks the CPU itself once loaded)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return []
+    return [f for f in required if f not in flags]
+
+
 def _load() -> None:
     global _C, _error
     if os.environ.get("FUSEDOPT_NO_EXTENSION", "").strip() in ("1", "on", "true", "yes"):
@@ -36,6 +47,16 @@ def _load() -> None:
         _error = (
             f"fusedopt._C was built against torch {built} but torch {running} is running; "
             "its C++ ABI does not match. Rebuild fusedopt. " + _BUILD_HINT
+        )
+        return
+    # Any function of an AVX-512 build may use AVX-512 instructions, its static initialisers too:
+    # on a CPU without them, loading the library would die of SIGILL before it could say why.
+    missing = _missing_cpu_flags(getattr(_build_info, "CPU_FLAGS", ()))
+    if missing:
+        _error = (
+            f"fusedopt._C was compiled for the {_build_info.CPU_ISA} instruction set, and this CPU "
+            f"lacks {', '.join(missing)}. Rebuild on this machine, or with FUSEDOPT_CPU_ISA=avx2 or "
+            "default."
         )
         return
     try:

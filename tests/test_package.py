@@ -57,6 +57,36 @@ def test_torch_version_mismatch_is_reported_not_an_undefined_symbol():
 
 
 @pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+def test_a_cpu_without_the_build_isa_is_reported_before_the_library_loads():
+    """As if the extension had been built for an instruction set this CPU lacks: the import
+    says so instead of loading code that would die of an illegal instruction."""
+    r = _run("""
+        import sys, types, warnings, torch
+        fake = types.ModuleType("fusedopt._build_info")
+        fake.TORCH_VERSION, fake.TORCH_CUDA_VERSION, fake.WITH_CUDA = torch.__version__, None, False
+        fake.CPU_ISA, fake.CPU_FLAGS = "avx512", ("avx2", "no_such_cpu_flag")
+        sys.modules["fusedopt._build_info"] = fake
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fusedopt
+        print(fusedopt.extension_available(), "fusedopt._C" in sys.modules, fusedopt.extension_error())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False False"), r.stdout
+    assert "compiled for the avx512 instruction set" in r.stdout and "lacks no_such_cpu_flag." in r.stdout
+
+
+def test_missing_cpu_flags_reads_cpuinfo(tmp_path):
+    from fusedopt._extension import _missing_cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags\t\t: fpu sse2 avx2 fma f16c avx512f\n")
+    assert _missing_cpu_flags(("avx2", "fma", "f16c"), str(info)) == []
+    assert _missing_cpu_flags(("avx2", "avx512f", "avx512bw", "avx512vl"), str(info)) == ["avx512bw", "avx512vl"]
+    assert _missing_cpu_flags(("avx2",), str(tmp_path / "absent")) == []  # unreadable: the library checks
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
 @pytest.mark.parametrize("cls,ref_cls", [(fusedopt.AdamW, torch.optim.AdamW), (fusedopt.SGD, torch.optim.SGD)])
 def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
     import torch._dynamo
