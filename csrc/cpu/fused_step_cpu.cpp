@@ -128,8 +128,11 @@ using VecF = at::vec::Vectorized<float>;
 
 // The register path's conversions, for the vector width at::vec was built with: W float lanes
 // (8 with AVX2, 16 with AVX-512) and their W 16-bit values in one half-width integer register
-// (`Bits`), 2W of them in a full-width one (`Bits2`). The rounding instructions are the ones
-// at::vec::convert uses, so the bits equal the block path's.
+// (`Bits`), 2W of them in a full-width one (`Bits2`). Only moving 16-bit lanes in and out, and the
+// float16 conversions, differ between the instruction sets; the bit arithmetic below is written
+// once, on int32 lanes. The rounding instructions are the ones at::vec::convert uses, so the bits
+// equal the block path's.
+using VecI = at::vec::Vectorized<int32_t>;
 #if defined(CPU_CAPABILITY_AVX512)
 using Bits = __m256i;
 using Bits2 = __m512i;
@@ -140,57 +143,13 @@ C10_ALWAYS_INLINE void store_bits2(uint16_t* p, Bits2 b) { _mm512_storeu_si512(p
 C10_ALWAYS_INLINE Bits low_bits(Bits2 b) { return _mm512_castsi512_si256(b); }
 C10_ALWAYS_INLINE Bits high_bits(Bits2 b) { return _mm512_extracti64x4_epi64(b, 1); }
 C10_ALWAYS_INLINE Bits2 join_bits(Bits lo, Bits hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
-C10_ALWAYS_INLINE VecF widen_bf16(Bits h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+C10_ALWAYS_INLINE VecI bits_of(const VecF& v) { return _mm512_castps_si512(v); }
+C10_ALWAYS_INLINE VecF float_of(const VecI& v) { return _mm512_castsi512_ps(v); }
+C10_ALWAYS_INLINE VecI widen_u16(Bits h) { return _mm512_cvtepu16_epi32(h); }
+C10_ALWAYS_INLINE VecI widen_s16(Bits h) { return _mm512_cvtepi16_epi32(h); }
+C10_ALWAYS_INLINE Bits low_halves(const VecI& v) { return _mm512_cvtepi32_epi16(v); }  // truncates
 C10_ALWAYS_INLINE VecF widen_f16(Bits h) { return _mm512_cvtph_ps(h); }
 C10_ALWAYS_INLINE Bits narrow_f16(const VecF& v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
-
-// bf16_bits_nearest_away (precision.h) of W floats.
-C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  const __m512i away = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x8000)), 16);
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, away, quiet));  // 16 low halves
-}
-
-// join_master (precision.h) of W params and remainders.
-C10_ALWAYS_INLINE VecF join_master_vec(Bits param_bits, Bits remainder) {
-  const __m512i r = _mm512_cvtepi16_epi32(remainder);  // sign-extended
-  const __m512i high = _mm512_add_epi32(_mm512_cvtepu16_epi32(param_bits), _mm512_srai_epi32(r, 31));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(high, 16),
-                                             _mm512_and_si512(r, _mm512_set1_epi32(0xffff))));
-}
-
-// bf16_bits_stochastic of W floats, element `first + lane` drawing rounding_bits_keyed(key, .).
-C10_ALWAYS_INLINE Bits bf16_stochastic(const VecF& v, uint32_t key, uint32_t first) {
-  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)),
-                                         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
-  __m512i h = _mm512_mullo_epi32(index, _mm512_set1_epi32(static_cast<int>(0x9e3779b1u)));
-  h = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(key)), h);
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85ebca6bu)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xc2b2ae35u)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
-  const __mmask16 inf = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
-  const __m512i high = _mm512_srli_epi32(u, 16);
-  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_and_si512(h, _mm512_set1_epi32(0xffff))), 16);
-  bits = _mm512_mask_blend_epi32(inf, bits, high);
-  bits = _mm512_mask_blend_epi32(nan, bits, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(bits);
-}
-
-// split_master's remainder of W floats (its param is bf16_nearest_away): the low 16 bits, 0 for NaN.
-C10_ALWAYS_INLINE Bits remainder_bits(const VecF& v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 number = _mm512_cmple_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_maskz_and_epi32(number, u, _mm512_set1_epi32(0xffff)));
-}
 #else
 using Bits = __m128i;
 using Bits2 = __m256i;
@@ -201,62 +160,56 @@ C10_ALWAYS_INLINE void store_bits2(uint16_t* p, Bits2 b) { _mm256_storeu_si256(r
 C10_ALWAYS_INLINE Bits low_bits(Bits2 b) { return _mm256_castsi256_si128(b); }
 C10_ALWAYS_INLINE Bits high_bits(Bits2 b) { return _mm256_extracti128_si256(b, 1); }
 C10_ALWAYS_INLINE Bits2 join_bits(Bits lo, Bits hi) { return _mm256_set_m128i(hi, lo); }
-C10_ALWAYS_INLINE VecF widen_bf16(Bits h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+C10_ALWAYS_INLINE VecI bits_of(const VecF& v) { return _mm256_castps_si256(v); }
+C10_ALWAYS_INLINE VecF float_of(const VecI& v) { return _mm256_castsi256_ps(v); }
+C10_ALWAYS_INLINE VecI widen_u16(Bits h) { return _mm256_cvtepu16_epi32(h); }
+C10_ALWAYS_INLINE VecI widen_s16(Bits h) { return _mm256_cvtepi16_epi32(h); }
+C10_ALWAYS_INLINE Bits low_halves(const VecI& v) {
+  // AVX2 packs with saturation: keep the low halves first; the permute undoes packus's
+  // interleaving of 128-bit lanes, so the 8 results are in order
+  const __m256i low = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(low, low), 0xd8));
+}
 C10_ALWAYS_INLINE VecF widen_f16(Bits h) { return _mm256_cvtph_ps(h); }
 C10_ALWAYS_INLINE Bits narrow_f16(const VecF& v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+#endif
+
+// (int32 lanes: >> shifts arithmetically; the results keep only low halves, or mask first)
+C10_ALWAYS_INLINE VecF widen_bf16(Bits h) { return float_of(widen_u16(h) << VecI(16)); }
 
 // bf16_bits_nearest_away (precision.h) of W floats.
 C10_ALWAYS_INLINE Bits bf16_nearest_away(const VecF& v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-  const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  const __m256i away = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x8000)), 16);
-  const __m256i bits = _mm256_blendv_epi8(away, quiet, nan);
-  // packus interleaves 128-bit lanes: the permute puts the 8 results in the low half, in order
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8));
+  const VecI u = bits_of(v);
+  const VecI nan = (u & VecI(0x7fffffff)) > VecI(0x7f800000);
+  return low_halves(VecI::blendv((u + VecI(0x8000)) >> VecI(16), (u >> VecI(16)) | VecI(0x40), nan));
 }
 
 // join_master (precision.h) of W params and remainders.
 C10_ALWAYS_INLINE VecF join_master_vec(Bits param_bits, Bits remainder) {
-  const __m256i r = _mm256_cvtepi16_epi32(remainder);  // sign-extended
-  const __m256i high = _mm256_add_epi32(_mm256_cvtepu16_epi32(param_bits), _mm256_srai_epi32(r, 31));
-  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(high, 16),
-                                             _mm256_and_si256(r, _mm256_set1_epi32(0xffff))));
-}
-
-// bf16_bits_stochastic of W floats, element `first + lane` drawing rounding_bits_keyed(key, .).
-C10_ALWAYS_INLINE Bits bf16_stochastic(const VecF& v, uint32_t key, uint32_t first) {
-  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
-  __m256i h = _mm256_mullo_epi32(index, _mm256_set1_epi32(static_cast<int>(0x9e3779b1u)));
-  h = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), h);
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85ebca6bu)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xc2b2ae35u)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-  const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
-  const __m256i inf = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f800000));
-  const __m256i high = _mm256_srli_epi32(u, 16);
-  __m256i bits = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_and_si256(h, _mm256_set1_epi32(0xffff))), 16);
-  bits = _mm256_blendv_epi8(bits, high, inf);
-  bits = _mm256_blendv_epi8(bits, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
-  // (values below 2^16: the saturating pack keeps them; the permute orders the lanes)
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8));
+  const VecI r = widen_s16(remainder);
+  const VecI high = widen_u16(param_bits) + (r >> VecI(31));  // minus one for a negative remainder
+  return float_of((high << VecI(16)) | (r & VecI(0xffff)));
 }
 
 // split_master's remainder of W floats (its param is bf16_nearest_away): the low 16 bits, 0 for NaN.
 C10_ALWAYS_INLINE Bits remainder_bits(const VecF& v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-  const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
-  const __m256i low = _mm256_andnot_si256(nan, _mm256_and_si256(u, _mm256_set1_epi32(0xffff)));
-  // (values below 2^16: the saturating pack keeps them; the permute orders the lanes)
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(low, low), 0xd8));
+  const VecI u = bits_of(v);
+  const VecI nan = (u & VecI(0x7fffffff)) > VecI(0x7f800000);
+  return low_halves(VecI::blendv(u, VecI(0), nan));
 }
-#endif
+
+// bf16_bits_stochastic of W floats, element `first + lane` drawing rounding_bits_keyed(key, .).
+C10_ALWAYS_INLINE Bits bf16_stochastic(const VecF& v, uint32_t key, uint32_t first) {
+  const auto u32 = [](uint32_t x) { return VecI(static_cast<int32_t>(x)); };
+  const auto shift_xor = [](const VecI& h, int k) { return h ^ ((h >> VecI(k)) & VecI(static_cast<int32_t>(0xffffffffu >> k))); };
+  VecI h = u32(key) ^ ((u32(first) + VecI::arange(0, 1)) * u32(0x9e3779b1u));
+  h = shift_xor(shift_xor(shift_xor(h, 16) * u32(0x85ebca6bu), 13) * u32(0xc2b2ae35u), 16);
+  const VecI u = bits_of(v), mag = u & VecI(0x7fffffff), high = u >> VecI(16);
+  VecI bits = (u + (h & VecI(0xffff))) >> VecI(16);
+  bits = VecI::blendv(bits, high, mag == VecI(0x7f800000));  // +-inf stays
+  bits = VecI::blendv(bits, high | VecI(0x40), mag > VecI(0x7f800000));
+  return low_halves(bits);
+}
 
 // A storage type fixed at compile time, or kDynamic: the one passed at run time. The register
 // path is instantiated for the common role layouts, where the conversions then have no branches.
@@ -461,27 +414,20 @@ int64_t rule_registers_any(const TensorSlot& s, int64_t begin, int64_t end, uint
     same = same && s.state_dtype[k] == state;
     first = false;
   }
+  constexpr int none = static_cast<int>(Master::none), full = static_cast<int>(Master::full),
+                rem = static_cast<int>(Master::remainder);
   const bool nearest = s.master_kind == Master::none && sr_key == nullptr;
   const bool master = s.master_kind == Master::full, remainder = s.master_kind == Master::remainder;
-  const auto run = [&](auto ge, auto se, auto how) {
-    return rule_registers<Rule, decltype(ge)::value, decltype(se)::value, decltype(how)::value>(
-        s, begin, end, roles, c, gs, sr_key);
-  };
-  using F32 = std::integral_constant<int, f32>;
-  using BF16 = std::integral_constant<int, bf16>;
-  using F16 = std::integral_constant<int, f16>;
-  using None = std::integral_constant<int, 0>;
   if (same) {
-    if (nearest && s.dtype == Elem::bf16 && state == Elem::bf16) return run(BF16{}, BF16{}, None{});
-    if (nearest && s.dtype == Elem::f16 && state == Elem::f16) return run(F16{}, F16{}, None{});
-    if (master && s.dtype == Elem::bf16 && state == Elem::f32) return run(BF16{}, F32{}, std::integral_constant<int, 1>{});
-    if (master && s.dtype == Elem::f16 && state == Elem::f32) return run(F16{}, F32{}, std::integral_constant<int, 1>{});
-    if (remainder && state == Elem::bf16) return run(BF16{}, BF16{}, std::integral_constant<int, 2>{});
-    if (sr_key != nullptr && state == Elem::bf16) return run(BF16{}, BF16{}, std::integral_constant<int, kStochastic>{});
-    if (nearest && s.dtype == Elem::f32 && state == Elem::bf16) return run(F32{}, BF16{}, None{});
+    if (nearest && s.dtype == Elem::bf16 && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, none>(s, begin, end, roles, c, gs, sr_key);
+    if (nearest && s.dtype == Elem::f16 && state == Elem::f16) return rule_registers<Rule, f16, f16, none>(s, begin, end, roles, c, gs, sr_key);
+    if (master && s.dtype == Elem::bf16 && state == Elem::f32) return rule_registers<Rule, bf16, f32, full>(s, begin, end, roles, c, gs, sr_key);
+    if (master && s.dtype == Elem::f16 && state == Elem::f32) return rule_registers<Rule, f16, f32, full>(s, begin, end, roles, c, gs, sr_key);
+    if (remainder && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, rem>(s, begin, end, roles, c, gs, sr_key);
+    if (sr_key != nullptr && state == Elem::bf16) return rule_registers<Rule, bf16, bf16, kStochastic>(s, begin, end, roles, c, gs, sr_key);
+    if (nearest && s.dtype == Elem::f32 && state == Elem::bf16) return rule_registers<Rule, f32, bf16, none>(s, begin, end, roles, c, gs, sr_key);
   }
-  using Dynamic = std::integral_constant<int, kDynamic>;
-  return run(Dynamic{}, Dynamic{}, Dynamic{});
+  return rule_registers<Rule, kDynamic, kDynamic, kDynamic>(s, begin, end, roles, c, gs, sr_key);
 }
 #endif
 
@@ -509,10 +455,10 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
   bool in_place = param_in_place && grad_in_place;
   for (int k = 0; k < kStates; ++k) in_place = in_place && (!(roles & (1u << k)) || s.state_dtype[k] == math);
   const int64_t block = in_place ? kInPlaceBlockElems : kBlockElems;
+  // a bfloat16 param without a master is rounded stochastically when the step has a seed
+  const bool stochastic = seed >= 0 && s.master_kind == Master::none && s.dtype == Elem::bf16;
 #if defined(FUSEDOPT_CPU_AVX2)
   if constexpr (std::is_same_v<S, float>) {
-    // a bfloat16 param without a master is rounded stochastically when the step has a seed
-    const bool stochastic = seed >= 0 && s.master_kind == Master::none && s.dtype == Elem::bf16;
     if (!in_place && register_path_fits(s, roles, kStates, stochastic)) {
       const uint32_t key = stochastic ? rounding_key(seed_bits, static_cast<uint64_t>(index),
                                                      static_cast<uint64_t>(begin) >> 32) : 0;
@@ -576,7 +522,7 @@ void rule_chunk(const TensorSlot& s, int64_t index, int64_t begin, int64_t end, 
         auto* bits = static_cast<uint16_t*>(s.param) + b;
         auto* rem = static_cast<int16_t*>(s.master) + b;
         for (int64_t j = 0; j < n; ++j) split_master(P[j], bits[j], rem[j]);
-      } else if (!param_in_place && seed >= 0 && s.dtype == Elem::bf16) {
+      } else if (stochastic) {
         auto* out = static_cast<uint16_t*>(s.param) + b;
         // (a block never crosses a multiple of 2^32 elements: the key holds for all of it)
         const uint32_t key = rounding_key(seed_bits, static_cast<uint64_t>(index),

@@ -44,6 +44,15 @@ def _deterministic_torch_state():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def two_threads():
+    """torch's intra-op pool at two threads for the test (the CPU kernels split work by thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_report_header(config):
     try:
         import fusedopt

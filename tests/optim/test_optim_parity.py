@@ -237,22 +237,17 @@ def test_many_params(name, device):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_thousands_of_tiny_params_on_two_threads(name, device):
+def test_thousands_of_tiny_params_on_two_threads(name, device, two_threads):
     """2,500 params of 1-4 elements: few elements but many tensors, which the CPU kernel spreads
     over its threads (a tensor's fixed cost counts as work), so the threads' shares meet inside
     a group and between the groups."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(11)
-        shapes = [(s,) for s in torch.randint(1, 5, (2500,), generator=gen).tolist()]
-        ctor = dict(lr=0.01, weight_decay=0.01)
-        if name == "SGD":
-            ctor["momentum"] = 0.9
-        run_parity(name, [(shapes[:1300], {}), (shapes[1300:], {"lr": 0.02})], dtype=torch.float32,
-                   device=device, steps=6, ctor=ctor, check_every=3)
-    finally:
-        torch.set_num_threads(before)
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(s,) for s in torch.randint(1, 5, (2500,), generator=gen).tolist()]
+    ctor = dict(lr=0.01, weight_decay=0.01)
+    if name == "SGD":
+        ctor["momentum"] = 0.9
+    run_parity(name, [(shapes[:1300], {}), (shapes[1300:], {"lr": 0.02})], dtype=torch.float32,
+               device=device, steps=6, ctor=ctor, check_every=3)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])

@@ -276,14 +276,6 @@ def test_param_replaced_in_its_group_list_is_stepped_instead(name, device):
 MANY = [([(1,)] * 1300, {}), ([(2,)] * 800, {"lr": 0.02})]
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("change", ["state-data", "grad-lost", "grad-misfit"])
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_a_plan_checked_by_threads_notices_a_change_in_its_last_param(name, change, device, two_threads):
