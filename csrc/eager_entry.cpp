@@ -339,6 +339,7 @@ class StepPlan {
                                  group_sizes_, a.hyper, a.lrs, fresh, a.grad_scale, a.found_inf,
                                  a.schedule_state, a.schedule, clip_t, master_mode_, seed);
       record_state_storage();
+      table_.distinct_step_counters = step_counters_distinct(table_);
       valid_ = true;
     }
     last_fresh_ = fresh;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include <string>
+#include <utility>
 
 #include "update_rules.h"
 
@@ -242,6 +243,21 @@ bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot
     } else {
       out.push_back(in[i]);
     }
+  }
+  return true;
+}
+
+bool step_counters_distinct(const StepTable& t) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [first byte, end) of each slot's counters
+  spans.reserve(t.tensors.size());
+  for (const TensorSlot& s : t.tensors) {
+    if (s.step == nullptr) continue;
+    const auto first = reinterpret_cast<uintptr_t>(s.step);
+    spans.emplace_back(first, first + static_cast<uintptr_t>(s.step_count) * (s.step_is_double ? 8 : 4));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return false;
   }
   return true;
 }

@@ -65,6 +65,9 @@ bool grad_fits(const at::Tensor& grad, const at::Tensor& param, const TensorSlot
 // merges nothing. Returns false, with `out` untouched, when nothing merges.
 bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot>& out);
 
+// Whether no two slots' step counters overlap in memory (StepTable::distinct_step_counters).
+bool step_counters_distinct(const StepTable& t);
+
 // For its lifetime, `t` has its coalesced slots (if any merge); the per-tensor slots come back
 // when it ends, so a plan keeps its table indexed by param.
 class CoalescedSlots {

@@ -70,6 +70,9 @@ struct StepTable {
   std::vector<ScheduleOut> schedule_out;
   // Stochastic rounding of bfloat16 params (without a master) with this seed; negative: off.
   int64_t rounding_seed = -1;
+  // No two slots share a step counter (a plan checked it once): the CPU step may then bump each
+  // single-chunk tensor's counter in its own chunk, on any thread, instead of all serially first.
+  bool distinct_step_counters = false;
   double at(int64_t group, int col) const { return hyper[group * num_cols + col]; }
 };
 

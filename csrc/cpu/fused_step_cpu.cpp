@@ -644,12 +644,30 @@ struct CoeffCache {
   typename Rule::template Coeffs<double> d;
 };
 
+void write_step(const TensorSlot& s, double step) {
+  if (s.step_is_double) {
+    *static_cast<double*>(s.step) = step;
+  } else {
+    *static_cast<float*>(s.step) = static_cast<float>(step);
+  }
+}
+
+// Whether a slot's step counter is bumped by its one chunk (see run_rule).
+bool bumped_in_chunk(const StepArgs& args, const TensorSlot& s) {
+  return args.distinct_step_counters && s.step != nullptr && s.step_count == 1 && s.numel > 0 &&
+         s.numel <= kCpuChunk;
+}
+
 template <typename Rule>
 void run_rule(StepArgs& args, const GradScalars& gs) {
   apply_schedule(args);
-  // Step counters first, serially: every chunk of a tensor then reads the same new count.
+  // Step counters before any chunk reads them, so that every chunk of a tensor reads the same new
+  // count. A tensor of one chunk whose counter no other slot shares is the exception: its chunk
+  // reads the counter, steps with the count + 1 and writes that back, on whichever thread it runs
+  // (thousands of small tensors' counters are then not a serial pass of cache misses).
   if constexpr (Rule::kHasStep) {
     for (const auto& s : args.tensors) {
+      if (bumped_in_chunk(args, s)) continue;
       for (int64_t k = 0; k < s.step_count; ++k) {
         if (s.step_is_double) {
           static_cast<double*>(s.step)[k] += 1.0;
@@ -659,6 +677,12 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
       }
     }
   }
+  // the count a slot's update uses (a float32 counter's sum rounded as the serial bump rounds it)
+  const auto step_of = [&](const TensorSlot& s) {
+    if (!bumped_in_chunk(args, s)) return read_step(s);
+    return s.step_is_double ? *static_cast<const double*>(s.step) + 1.0
+                            : static_cast<double>(*static_cast<const float*>(s.step) + 1.0f);
+  };
   const auto row = [&](int64_t g) { return &args.hyper[static_cast<size_t>(g * args.num_cols)]; };
   std::vector<CoeffCache<Rule>> caches(static_cast<size_t>(args.num_groups));
   std::vector<uint32_t> roles(static_cast<size_t>(args.num_groups));
@@ -667,7 +691,7 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
     CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
     if (cache.valid) continue;
     cache.valid = true;
-    cache.step = read_step(s);
+    cache.step = step_of(s);
     const double lr = args.at(s.group, col::lr);
     cache.f = Rule::template coeffs<float>(row(s.group), lr, cache.step);
     cache.d = Rule::template coeffs<double>(row(s.group), lr, cache.step);
@@ -675,7 +699,8 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   const int64_t seed = args.rounding_seed;
   for_each_chunk(args, [&](int64_t index, const TensorSlot& s, int64_t begin, int64_t end) {
     const CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
-    const double step = read_step(s);
+    const double step = step_of(s);
+    if (Rule::kHasStep && bumped_in_chunk(args, s)) write_step(s, step);
     const bool hit = cache.step == step;
     const double lr = args.at(s.group, col::lr);
     const uint32_t r = roles[static_cast<size_t>(s.group)];

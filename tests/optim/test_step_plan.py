@@ -311,3 +311,51 @@ def test_a_plan_checked_by_threads_notices_a_change_in_its_last_param(name, chan
     with pytest.raises((RuntimeError, TypeError), match="dtype"):
         fo.opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(fo.params, before)), "a refused step changed a param"
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_step_counters_edited_in_place_or_shared_count_like_torch(name, two_threads):
+    """The plan's CPU step bumps a one-chunk tensor's step counter inside its chunk, on either
+    thread, when no two params share a counter (else all counters first, serially). Counters set
+    in place to different values (no dict edit: the plan is kept), one counter then shared by two
+    params (torch's foreach and fused steps bump it once per param before any update, so both step
+    with the count + 2), and tensors on both sides of the 65,536-element chunk: params and
+    counters as torch's foreach step computes them, in float64 to 1e-12."""
+    shapes = [(3,), (70_000,), (5, 7), (1,), (65_536,), (65_537,), (2, 2)]
+    gen = torch.Generator().manual_seed(21)
+    start = [torch.randn(s, generator=gen, dtype=DT) for s in shapes]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fo_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = getattr(torch.optim, name)(ref_params, lr=0.01, foreach=True)
+    fo = fused_cls(name)(fo_params, lr=0.01)
+
+    def step_both(steps):
+        for _ in range(steps):
+            for rp, fp in zip(ref_params, fo_params):
+                g = torch.randn(rp.shape, generator=gen, dtype=DT)
+                rp.grad, fp.grad = g.clone(), g.clone()
+            ref.step()
+            fo.step()
+
+    def check(what):
+        for i, (rp, fp) in enumerate(zip(ref_params, fo_params)):
+            torch.testing.assert_close(fp.detach(), rp.detach(), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{what}, param {i}: {m}")
+            assert fo.state[fp]["step"].item() == ref.state[rp]["step"].item(), (what, i)
+
+    step_both(2)
+    check("2 steps")
+    for i, (rp, fp) in enumerate(zip(ref_params, fo_params)):
+        ref.state[rp]["step"].fill_(10 + 3 * i)
+        fo.state[fp]["step"].fill_(10 + 3 * i)
+    step_both(2)
+    check("counters set in place to different values")
+    for opt, ps in ((ref, ref_params), (fo, fo_params)):
+        opt.state[ps[3]]["step"] = opt.state[ps[0]]["step"]
+    step_both(2)
+    check("one counter shared by a one-element and a 3-element param")
+    assert fo.state[fo_params[0]]["step"].item() == 10 + 2 + 4, "the shared counter counts both params"
+    for opt, ps in ((ref, ref_params), (fo, fo_params)):
+        opt.state[ps[3]]["step"] = opt.state[ps[3]]["step"].clone()
+    step_both(2)
+    check("the counter no longer shared")
