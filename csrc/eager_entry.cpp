@@ -340,6 +340,7 @@ class StepPlan {
                                  a.schedule_state, a.schedule, clip_t, master_mode_, seed);
       record_state_storage();
       table_.distinct_step_counters = step_counters_distinct(table_);
+      table_.params_adjacent = any_params_adjacent(table_);
       valid_ = true;
     }
     last_fresh_ = fresh;

@@ -230,7 +230,7 @@ bool joins(const TensorSlot& run, const TensorSlot& s, bool merge_steps) {
 
 bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot>& out) {
   const std::vector<TensorSlot>& in = t.tensors;
-  if (t.rounding_seed >= 0) return false;
+  if (t.rounding_seed >= 0 || !t.params_adjacent) return false;
   size_t first = 1;  // the first slot that joins its predecessor
   while (first < in.size() && !joins(in[first - 1], in[first], merge_steps)) ++first;
   if (first >= in.size()) return false;
@@ -245,6 +245,14 @@ bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot
     }
   }
   return true;
+}
+
+bool any_params_adjacent(const StepTable& t) {
+  for (size_t i = 1; i < t.tensors.size(); ++i) {
+    const TensorSlot &a = t.tensors[i - 1], &b = t.tensors[i];
+    if (a.dtype == b.dtype && a.param != nullptr && continues(a.param, a.numel, b.param, a.dtype)) return true;
+  }
+  return false;
 }
 
 bool step_counters_distinct(const StepTable& t) {

@@ -68,6 +68,9 @@ bool coalesce_slots(const StepTable& t, bool merge_steps, std::vector<TensorSlot
 // Whether no two slots' step counters overlap in memory (StepTable::distinct_step_counters).
 bool step_counters_distinct(const StepTable& t);
 
+// Whether some slot's param starts where the slot before ends (StepTable::params_adjacent).
+bool any_params_adjacent(const StepTable& t);
+
 // For its lifetime, `t` has its coalesced slots (if any merge); the per-tensor slots come back
 // when it ends, so a plan keeps its table indexed by param.
 class CoalescedSlots {

@@ -73,6 +73,9 @@ struct StepTable {
   // No two slots share a step counter (a plan checked it once): the CPU step may then bump each
   // single-chunk tensor's counter in its own chunk, on any thread, instead of all serially first.
   bool distinct_step_counters = false;
+  // Some slot's param starts where the slot before ends (else, as a plan found once for params
+  // that keep their storage, no slots can coalesce and the step skips looking).
+  bool params_adjacent = true;
   double at(int64_t group, int col) const { return hyper[group * num_cols + col]; }
 };
 

@@ -129,6 +129,23 @@ def test_flat_step_runs_as_one_tensor_per_group(name):
     _assert_same(ref, net, ref_opt, opt, name)
 
 
+def test_params_flattened_after_steps_coalesce_from_the_next_step():
+    """A plan built over scattered params finds once that no slots can merge, and stops looking;
+    flattening the params later gives them new storage, so the next step validates again and
+    merges each group into one slot (SGD without momentum: no state, which stays where it was
+    when params are flattened after the optimizer's first step), bit-identical to the plain run."""
+    ref, net = _nets()
+    ref_opt, opt = fusedopt.SGD(_groups(ref), lr=0.1), fusedopt.SGD(_groups(net), lr=0.1)
+    _train(ref, ref_opt, torch.Generator().manual_seed(5), 2, use_all=True)
+    _train(net, opt, torch.Generator().manual_seed(5), 2, use_all=True)
+    assert _flat_slots(opt) == [6]
+    fusedopt.flatten_(_groups(net))
+    _train(ref, ref_opt, torch.Generator().manual_seed(6), 2, use_all=True)
+    _train(net, opt, torch.Generator().manual_seed(6), 2, use_all=True)
+    assert _flat_slots(opt) == [2]
+    _assert_same(ref, net, ref_opt, opt, "flattened after 2 steps")
+
+
 @pytest.mark.emulated_cuda
 def test_emul_flat_sgd_launches_one_tensor_per_group(emulated_cuda_module):
     """The CUDA path coalesces too (emulated kernels): SGD, whose slots have no device step
