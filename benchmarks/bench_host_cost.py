@@ -16,7 +16,7 @@ queue drained before each step.
 than the step: after torch fused's 30 ms single-threaded step the idle second core of a VM can
 take from 0.1 to several ms to wake, and the two optimizers' objects evict each other.)
 
-    python benchmarks/bench_host_cost.py [--tensors 10000] [--reps 30] [--device cpu|cuda]
+    python benchmarks/bench_host_cost.py [--tensors 10000] [--reps 60] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ OPTIMIZERS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensors", type=int, default=10_000)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -88,6 +88,7 @@ def main() -> None:
             fo, fl, to = med[("fusedopt", cond)], med[("fusedopt flat", cond)], med[("torch fused", cond)]
             print(f"  {name:5s} {cond}: host µs per tensor: fusedopt {fo:.3f}, fusedopt flat {fl:.3f} "
                   f"(fusedopt.flatten_), torch fused {to:.3f} ({to / fo:.1f}x / {to / fl:.1f}x)")
+
 
 if __name__ == "__main__":
     main()
