@@ -634,6 +634,19 @@ double read_step(const TensorSlot& s) {
                           : static_cast<double>(*static_cast<const float*>(s.step));
 }
 
+// Counter k of a slot + 1, rounded to the counter's dtype, and a count written back.
+double counter_plus_one(const TensorSlot& s, int64_t k) {
+  return s.step_is_double ? static_cast<const double*>(s.step)[k] + 1.0
+                          : static_cast<double>(static_cast<const float*>(s.step)[k] + 1.0f);
+}
+void set_counter(const TensorSlot& s, int64_t k, double value) {
+  if (s.step_is_double) {
+    static_cast<double*>(s.step)[k] = value;
+  } else {
+    static_cast<float*>(s.step)[k] = static_cast<float>(value);  // exact: a counter_plus_one
+  }
+}
+
 // One group's coefficients at the step most of its tensors are at (the first seen): bias
 // corrections cost pow() calls, and tensors of a group almost always share a step.
 template <typename Rule>
@@ -643,14 +656,6 @@ struct CoeffCache {
   typename Rule::template Coeffs<float> f;
   typename Rule::template Coeffs<double> d;
 };
-
-void write_step(const TensorSlot& s, double step) {
-  if (s.step_is_double) {
-    *static_cast<double*>(s.step) = step;
-  } else {
-    *static_cast<float*>(s.step) = static_cast<float>(step);
-  }
-}
 
 // Whether a slot's step counter is bumped by its one chunk (see run_rule).
 bool bumped_in_chunk(const StepArgs& args, const TensorSlot& s) {
@@ -668,20 +673,12 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   if constexpr (Rule::kHasStep) {
     for (const auto& s : args.tensors) {
       if (bumped_in_chunk(args, s)) continue;
-      for (int64_t k = 0; k < s.step_count; ++k) {
-        if (s.step_is_double) {
-          static_cast<double*>(s.step)[k] += 1.0;
-        } else {
-          static_cast<float*>(s.step)[k] += 1.0f;
-        }
-      }
+      for (int64_t k = 0; k < s.step_count; ++k) set_counter(s, k, counter_plus_one(s, k));
     }
   }
-  // the count a slot's update uses (a float32 counter's sum rounded as the serial bump rounds it)
+  // the count a slot's update uses
   const auto step_of = [&](const TensorSlot& s) {
-    if (!bumped_in_chunk(args, s)) return read_step(s);
-    return s.step_is_double ? *static_cast<const double*>(s.step) + 1.0
-                            : static_cast<double>(*static_cast<const float*>(s.step) + 1.0f);
+    return bumped_in_chunk(args, s) ? counter_plus_one(s, 0) : read_step(s);
   };
   const auto row = [&](int64_t g) { return &args.hyper[static_cast<size_t>(g * args.num_cols)]; };
   std::vector<CoeffCache<Rule>> caches(static_cast<size_t>(args.num_groups));
@@ -700,7 +697,7 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   for_each_chunk(args, [&](int64_t index, const TensorSlot& s, int64_t begin, int64_t end) {
     const CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
     const double step = step_of(s);
-    if (Rule::kHasStep && bumped_in_chunk(args, s)) write_step(s, step);
+    if (bumped_in_chunk(args, s)) set_counter(s, 0, step);
     const bool hit = cache.step == step;
     const double lr = args.at(s.group, col::lr);
     const uint32_t r = roles[static_cast<size_t>(s.group)];
