@@ -1,37 +1,99 @@
 #!/usr/bin/env bash
-# GPU validation of fusedopt on a machine with a GPU, a CUDA build of torch and no network:
-# builds the extension in place against the installed torch, runs the whole test suite (CUDA
-# tests enabled), compute-sanitizer memcheck / racecheck / initcheck / synccheck over a short optimizer
-# run, and the CUDA benchmarks. Everything lands in the folder given as the first argument.
+# GPU validation of fusedopt, sized for one short lease of a GPU machine that has a CUDA build of
+# torch, pytest-xdist and no network. Everything lands in OUT_DIR (summary.txt first).
 #
-#   bash scripts/gpu_check.sh OUT_DIR
+#   bash scripts/gpu_check.sh OUT_DIR [PREBUILT_DIR]
+#
+# PREBUILT_DIR: an extension built elsewhere against the machine's Python and torch (its
+# _C*.so and _build_info.py); used when it loads and steps on the GPU, else the extension is
+# built here (a few minutes of the lease).
+# Phase A, in parallel (the GPU is shared, nothing is timed): the test suite with CUDA enabled
+# (the emulated-CUDA tests left out: CI runs them), compute-sanitizer memcheck over the whole
+# sanitizer run and racecheck / synccheck / initcheck over fusedopt's kernels, ptxas register counts.
+# Phase B, the GPU to itself: the benchmark, the host cost per tensor, ncu on single steps.
 set -uo pipefail
-out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+out="${1:?usage: scripts/gpu_check.sh OUT_DIR [PREBUILT_DIR]}"
+prebuilt="${2:-}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
-status=0
-run() {  # run NAME CMD...: log to $out/NAME.log, remember failures, keep going
-  local name="$1"; shift
-  echo "== $name: $*" | tee -a "$out/summary.txt"
-  "$@" >"$out/$name.log" 2>&1
+export FUSEDOPT_CUDA=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+t0=$(date +%s)
+say() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$out/summary.txt"; }
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to NAME.log, note the exit status
+  local name="$1" limit="$2"; shift 2
+  say "start $name: $*"
+  timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  echo "   exit $rc" | tee -a "$out/summary.txt"
-  [ $rc -eq 0 ] || status=1
+  say "end $name: exit $rc$([ $rc -eq 124 ] && echo ' (time limit)')"
 }
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
+  python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -2
+  grep -m1 'model name' /proc/cpuinfo; nproc
   git rev-parse HEAD 2>/dev/null || true
 } >"$out/environment.txt" 2>&1
-export FUSEDOPT_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" PYTHONUNBUFFERED=1
-run build pip install --no-build-isolation --no-deps -e .
-# registers per kernel: __launch_bounds__(512) must keep every kernel launchable (<= 128)
-run ptxas /usr/local/cuda/bin/nvcc -std=c++20 -O3 -c csrc/cuda/fused_step_kernels.cu -o "$out/kernels.o" \
-  -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_100,code=sm_100 -Xptxas -v
-run tests python -m pytest -ra
-sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-for tool in memcheck racecheck initcheck synccheck; do
-  run "sanitizer_$tool" "$sanitizer" --tool "$tool" --error-exitcode 1 python scripts/sanitizer_run.py
+cat "$out/environment.txt" >>"$out/summary.txt"
+
+smoke() {
+  python - <<'EOF'
+import torch, fusedopt
+from fusedopt import _build_info
+assert fusedopt.extension_available(), fusedopt.extension_error()
+assert _build_info.WITH_CUDA, "extension built without CUDA kernels"
+p = torch.nn.Parameter(torch.randn(1000, device="cuda")); p.grad = torch.randn_like(p)
+q = torch.nn.Parameter(p.detach().clone()); q.grad = p.grad.clone()
+fusedopt.Adam([p], lr=0.1).step(); torch.optim.Adam([q], lr=0.1).step()
+torch.testing.assert_close(p, q)
+print("smoke: fused Adam step on", torch.cuda.get_device_name(), "matches torch")
+EOF
+}
+if [ -n "$prebuilt" ] && cp "$prebuilt"/_C*.so "$prebuilt"/_build_info.py fusedopt/ && smoke >"$out/smoke.log" 2>&1; then
+  say "extension: prebuilt ($prebuilt) loads and steps"
+else
+  say "extension: building here"
+  rm -f fusedopt/_C*.so
+  step build 420 env MAX_JOBS="${MAX_JOBS:-16}" python setup.py build_ext --inplace
+  smoke >"$out/smoke.log" 2>&1 || { say "smoke failed after build"; cat "$out/smoke.log"; }
+fi
+
+# ---- phase A
+san="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+ours='regex=(step|grad_norm)_kernel'
+sanitize() {  # sanitize TOOL [FILTER]: a filtered run falls back to the whole program if the filter is refused
+  local tool="$1" filter="${2:-}"
+  if [ -n "$filter" ]; then
+    step "sanitizer_$tool" "$limit_a" "$san" --tool "$tool" --kernel-name "$filter" --error-exitcode 1 python scripts/sanitizer_run.py
+    grep -q "ERROR SUMMARY" "$out/sanitizer_$tool.log" && return  # it ran (errors or none)
+    mv "$out/sanitizer_$tool.log" "$out/sanitizer_${tool}_filter_refused.log"
+    say "sanitizer_$tool: no summary with the kernel filter; again over the whole program"
+  fi
+  step "sanitizer_$tool" "$limit_a" "$san" --tool "$tool" --error-exitcode 1 python scripts/sanitizer_run.py
+}
+limit_a="${PHASE_A_SECONDS:-180}"
+OMP_NUM_THREADS=2 step tests "$limit_a" python -m pytest -ra -q -n 10 -k "not emul" -p no:cacheprovider --durations=15 &
+sanitize memcheck &
+sanitize racecheck "$ours" &
+sanitize synccheck "$ours" &
+sanitize initcheck "$ours" &
+for cu in fused_step_kernels grad_norm_kernels; do
+  /usr/local/cuda/bin/nvcc -std=c++17 -O3 -c "csrc/cuda/$cu.cu" -o "/tmp/$cu.o" -gencode=arch=compute_90,code=sm_90 \
+    -Xptxas -v -I"$(python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')" >"$out/ptxas_$cu.log" 2>&1 \
+    && cuobjdump --dump-resource-usage "/tmp/$cu.o" >>"$out/ptxas_$cu.log" 2>&1
 done
-run bench python -m fusedopt.bench --devices cuda --out "$out/bench"
-exit $status
+wait
+say "phase A done"
+
+# ---- phase B: the GPU to itself
+step bench_adam "${BENCH_SECONDS:-150}" python -m fusedopt.bench --devices cuda --presets llama many-small gpt2-small \
+  --dtypes fp32 bf16 --optimizers adam --budget 0.3 --no-progress --out "$out/bench_adam"
+step host_cost 60 python benchmarks/bench_host_cost.py --device cuda --reps 20
+for preset in llama many-small; do
+  step "ncu_$preset" 60 ncu --clock-control none --kernel-name regex:step_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    python scripts/profile_step.py "$preset" --steps 4
+done
+step bench_sgd "${BENCH_SECONDS:-120}" python -m fusedopt.bench --devices cuda --presets llama many-small gpt2-small \
+  --dtypes fp32 bf16 --optimizers sgd --budget 0.3 --no-progress --out "$out/bench_sgd"
+say "done"

@@ -2,7 +2,8 @@
 
 Covers several param groups, mixed dtypes, odd sizes, empty params, amsgrad, SGD momentum with a
 fresh buffer, GradScaler skips, 10,000 tensors, an in-kernel schedule, two optimizers stepping on
-two streams, and a captured CUDA graph replayed with a changing lr. (The tensor over 2**31
+two streams, gradient clipping (alone and in the step), and a captured CUDA graph replayed with a
+changing lr. (The tensor over 2**31
 elements is in tests/cuda: under memcheck it would take too long.)
 """
 
@@ -34,12 +35,17 @@ def main() -> None:
             scaler.step(opt)
             scaler.update()
     # 10,000 small tensors with an in-kernel schedule
-    many = [torch.nn.Parameter(torch.randn(1 + i % 37, device=dev)) for i in range(10_000)]
+    # Params and grads are views of one tensor each: one launch apiece instead of 10,000, each of
+    # which costs milliseconds under the sanitizer. A one-element gap after each param keeps the
+    # params apart, so that the step sees 10,000 slots and merges none.
+    sizes = [1 + i % 37 for i in range(10_000)]
+    pool = torch.randn(sum(sizes) + len(sizes), device=dev)
+    many = [torch.nn.Parameter(t[:-1]) for t in pool.split([s + 1 for s in sizes])]
     opt = fusedopt.AdamW(many, lr=1e-3)
     sched = fusedopt.lr_scheduler.in_kernel(fusedopt.lr_scheduler.WarmupCosine(opt, warmup_steps=2, total_steps=10))
     for _ in range(3):
-        for p in many:
-            p.grad = torch.randn_like(p)
+        for p, g in zip(many, torch.randn(sum(sizes), device=dev).split(sizes)):
+            p.grad = g
         opt.step()
         sched.step()
     # two optimizers, each on its own stream, stepping at the same time
@@ -58,6 +64,15 @@ def main() -> None:
                 opt.step()
         for _, _, s in pairs:
             torch.cuda.current_stream().wait_stream(s)
+    # the grad-norm kernel: clipping alone, on mixed dtypes, and inside the step
+    mixed = ([torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes[:40]]
+             + [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.bfloat16)) for s in shapes[:6]])
+    opt = fusedopt.Adam(mixed, lr=1e-3, max_grad_norm=1.0)
+    for _ in range(2):
+        for p in mixed:
+            p.grad = torch.randn_like(p)
+        fusedopt.clip_grad_norm_(mixed, 5.0)
+        opt.step()
     # graph capture with a tensor lr changed between replays
     model = torch.nn.Linear(64, 64).to(dev)
     lr = torch.tensor(0.01, device=dev)
