@@ -3,8 +3,8 @@
 Covers several param groups, mixed dtypes, odd sizes, empty params, amsgrad, SGD momentum with a
 fresh buffer, GradScaler skips, 10,000 tensors, an in-kernel schedule, two optimizers stepping on
 two streams, gradient clipping (alone and in the step), and a captured CUDA graph replayed with a
-changing lr. (The tensor over 2**31
-elements is in tests/cuda: under memcheck it would take too long.)
+changing lr. (The tensor over 2**31 elements is in tests/cuda: under memcheck it would take too
+long.)
 """
 
 import torch
@@ -25,14 +25,18 @@ def main() -> None:
         f16 = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.float16)) for s in shapes[:4]]
         f64 = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=torch.float64)) for s in shapes[:3]]
         opt = cls([{"params": f32}, {"params": bf16 + f16, "lr": 1e-4}, {"params": f64, "lr": 1e-3}], lr=1e-2, **kw)
+        # GradScaler cannot unscale bf16 grads (torch has no such kernel): its optimizer holds the
+        # fp32 and fp16 params, with a state of its own
+        scaled = cls([{"params": f32}, {"params": f16, "lr": 1e-4}], lr=1e-2, **kw)
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**20)
         for step in range(4):
             for p in f32 + bf16 + f16 + f64:
                 p.grad = torch.randn_like(p)
+            opt.step()
             if step == 1:
-                f32[2].grad[5] = float("inf")
+                f32[3].grad[5] = float("inf")  # the scaler skips this step
             scaler.scale(torch.zeros((), device=dev, requires_grad=True)).backward()
-            scaler.step(opt)
+            scaler.step(scaled)
             scaler.update()
     # 10,000 small tensors with an in-kernel schedule
     # Params and grads are views of one tensor each: one launch apiece instead of 10,000, each of

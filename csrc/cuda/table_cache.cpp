@@ -6,8 +6,11 @@ namespace fusedopt {
 namespace cuda {
 
 TableCache& table_cache() {
-  static TableCache cache;
-  return cache;
+  // Never destroyed: at exit, static destructors run after torch's CUDA stream pools are gone,
+  // and freeing a cached table's device memory then aborts the process ("Unrecognized stream",
+  // seen on an H200). The process's end releases the memory anyway.
+  static TableCache* cache = new TableCache;
+  return *cache;
 }
 
 int sm_count(int device) {

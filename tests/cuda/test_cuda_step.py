@@ -1,7 +1,12 @@
 """CUDA-only behaviour of the fused step (skipped without a GPU; the parity suite in tests/optim
 runs on CUDA too when one is present): one launch per step, graph capture with a scheduler
 driving a device-tensor lr, GradScaler skips, many tensors, a tensor over 2**31 elements, mixed
-dtypes, and several devices."""
+dtypes, several devices, and a clean exit after steps."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +224,27 @@ def test_cached_tables_used_from_another_stream():
     for p, q in zip(ps, ref):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         assert opt.state[p]["step"].item() == 6
+
+
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_process_exits_cleanly_after_steps(side_stream):
+    """The tables the steps cached on the device outlive the interpreter: the process must still
+    exit with status 0. (They were once freed by a static destructor after torch had torn down its
+    CUDA streams, which aborted every process that had stepped: "Unrecognized stream".)"""
+    code = (
+        "import torch, fusedopt\n"
+        "p = torch.nn.Parameter(torch.randn(70_000, device='cuda'))\n"
+        "opt = fusedopt.Adam([p], lr=1e-3)\n"
+        f"s = torch.cuda.Stream() if {side_stream} else torch.cuda.current_stream()\n"
+        "with torch.cuda.stream(s):\n"
+        "    for _ in range(2):\n"
+        "        p.grad = torch.randn_like(p)\n"
+        "        opt.step()\n"
+        "torch.cuda.synchronize()\n"
+        "print('stepped', int(opt.state[p]['step'].item()))\n"
+    )
+    root = str(Path(fusedopt.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "stepped 2"
