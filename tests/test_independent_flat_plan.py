@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import fusedopt
+from torch_oracle import has_oracle_for_missing_state, require_oracle_for_missing_state
 
 pytestmark = pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
 
@@ -342,6 +343,7 @@ def test_step_counter_edits(name, how):
 @pytest.mark.parametrize("how", ["del-state", "empty-plain-dict", "clear"])
 @pytest.mark.parametrize("name", NAMES)
 def test_state_reset_reinitialises_like_torch(name, how):
+    require_oracle_for_missing_state(name)
     T, F = twin(name)
     G = make_grads(5, SHAPES, 8)
     for k in range(5):
@@ -432,6 +434,7 @@ def test_group_structure_edits(name):
     """add_param_group after steps, a param popped from a list, one appended to a list directly,
     two same-shaped params swapped in a list, a param moved between groups, a group deleted, the
     whole 'params' list replaced by a new list."""
+    require_oracle_for_missing_state(name)
     shapes = [(6, 4), (6, 4), (9,), (9,), (5,), (24,)]
     base = make_params(shapes, 12)
     fcls, tcls, kw = PAIRS[name]
@@ -1940,6 +1943,7 @@ def test_channels_last_params(name):
 def test_param_resized_with_state_reset(name):
     """Network surgery: p.data = a tensor of another shape and its state deleted (torch re-creates
     it at the next step)."""
+    require_oracle_for_missing_state(name)
     T, F = twin(name)
     G = make_grads(5, SHAPES, 83)
     for k in range(5):
@@ -1976,7 +1980,11 @@ def test_state_dicts_swapped_or_moved_between_params_plain(how):
     """opt.state[a], opt.state[b] = opt.state[b], opt.state[a] (inner dicts unedited; only the
     outer mapping changes), or opt.state[b] = opt.state.pop(a)."""
     shapes = [(6, 4), (6, 4), (9,)]
-    for name in NAMES:
+    # a moved state leaves its param without one: torch versions whose Adagrad cannot re-create
+    # it give no oracle for that
+    names = [n for n in NAMES if how == "swap" or has_oracle_for_missing_state(n)]
+    assert "Adam" in names
+    for name in names:
         T, F = twin(name, shapes=shapes)
         G = make_grads(5, shapes, 85)
         for k in range(5):
@@ -1997,6 +2005,8 @@ def test_state_dicts_swapped_or_moved_between_params_plain(how):
 def test_state_dicts_swapped_or_moved_between_params_flat(name, how):
     """The same outer-mapping edits with flat storage (and, as a control, a state dict replaced by
     a deep copy of another param's)."""
+    if how == "move":
+        require_oracle_for_missing_state(name)
     T, P, Fl = trio(name, flatten="module")
     xs = batches(5, 86)
     for k, x in enumerate(xs):

@@ -18,6 +18,7 @@ import torch
 from torch.optim import lr_scheduler as S
 
 import fusedopt
+from torch_oracle import require_oracle_for_missing_state
 
 pytestmark = pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
 
@@ -910,6 +911,7 @@ def test_zero_grad_like_torch(name, set_to_none):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_add_param_group_after_training(name):
+    require_oracle_for_missing_state(name)
     kw = STATEFUL[name]
     pt, pf, ot, of = pair(name, kw)
     g = torch.Generator().manual_seed(23)
@@ -972,6 +974,8 @@ STRUCT_EDITS = {
 @pytest.mark.parametrize("edit", list(STRUCT_EDITS))
 @pytest.mark.parametrize("name", NAMES)
 def test_structural_edits_mid_run(name, edit):
+    if edit in ("state_object_replaced", "state_cleared"):
+        require_oracle_for_missing_state(name)
     kw = STATEFUL[name]
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.003}]  # noqa: E731
     pt, pf, ot, of = pair(name, kw, groups=groups)
