@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds fusedopt._C here for a GPU machine's Python and torch, into .devbuild/ (git-ignored
+# through .git/info/exclude), so that scripts/gpu_check.sh spends none of a short GPU lease on
+# the build:
+#
+#   bash scripts/prebuild_for_gpu_machine.sh          # then, on the GPU machine (carry .devbuild):
+#   bash scripts/gpu_check.sh OUT_DIR .devbuild
+#
+# PYTHON (default python3.12) and TORCH (default 2.11.0) must match the GPU machine's (the H200
+# machines lent here had Python 3.12 and torch 2.11.0+cu130). The first run installs that torch
+# into a virtual environment in /tmp (a few GB of wheels, a few minutes); the build takes about
+# 8 minutes on 2 cores, an incremental one seconds.
+# The CPU kernels are built for AVX2, which any x86-64 GPU host has. (A build made on the H200
+# machine itself with its g++ 13.3 crashed the process whenever an op raised an error; this one,
+# g++ 12.2, raised cleanly there.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3.12}"
+torch_version="${TORCH:-2.11.0}"
+venv="/tmp/fusedopt-gpu-venv-$torch_version"
+tree="/tmp/fusedopt-gpu-build"
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q "torch==$torch_version" pybind11 ninja "setuptools<82" wheel numpy
+fi
+mkdir -p "$tree"
+git ls-files -z | xargs -0 cp --parents -t "$tree"   # the tracked tree, with uncommitted edits
+(cd "$tree" && FUSEDOPT_CUDA=1 FUSEDOPT_CPU_ISA=avx2 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" \
+  MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_ext --inplace >"$tree/build.log" 2>&1) \
+  || { tail -30 "$tree/build.log"; exit 1; }
+grep -qx "/.devbuild/" .git/info/exclude 2>/dev/null || echo "/.devbuild/" >>.git/info/exclude
+mkdir -p .devbuild
+cp "$tree"/fusedopt/_C*.so "$tree"/fusedopt/_build_info.py .devbuild/
+strip --strip-debug .devbuild/_C*.so
+ls -l .devbuild
