@@ -11,12 +11,13 @@
 # synccheck over fusedopt's kernels, in parallel (about a minute on an H200), ptxas register
 # counts, then the test suite with CUDA enabled (the emulated-CUDA tests left out: CI runs them).
 # Phase B, the GPU to itself: the benchmark, the host cost per tensor, ncu on single steps.
-# GPU_CHECK_PHASES=A (or B) runs one phase only.
+# GPU_CHECK_PHASES=A (or B) runs one phase only. Exits 1 if any step failed (failed_steps.txt).
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR [PREBUILT_DIR]}"
 prebuilt="${2:-}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+rm -f "$out/failed_steps.txt"
 cd "$(dirname "$0")/.."
 export FUSEDOPT_CUDA=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
@@ -27,6 +28,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to NAME.log, no
   timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   say "end $name: exit $rc$([ $rc -eq 124 ] && echo ' (time limit)')"
+  [ $rc -eq 0 ] || echo "$name" >>"$out/failed_steps.txt"  # a file: steps also run in subshells
+}
+finish() {
+  if [ -s "$out/failed_steps.txt" ]; then
+    say "failed: $(sort "$out/failed_steps.txt" | tr '\n' ' ')"
+    exit 1
+  fi
+  say "every step passed"
+  exit 0
 }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
@@ -56,7 +66,7 @@ else
   say "extension: building here"
   rm -f fusedopt/_C*.so
   step build 420 env MAX_JOBS="${MAX_JOBS:-16}" python setup.py build_ext --inplace
-  smoke >"$out/smoke.log" 2>&1 || { say "smoke failed after build"; cat "$out/smoke.log"; }
+  smoke >"$out/smoke.log" 2>&1 || { say "smoke failed after build"; echo smoke >>"$out/failed_steps.txt"; }
 fi
 
 phases="${GPU_CHECK_PHASES:-A B}"  # A, B or both
@@ -74,6 +84,7 @@ sanitize() {  # sanitize TOOL [FILTER]: a filtered run falls back to the whole p
     step "sanitizer_$tool" "$limit_a" "$san" --tool "$tool" --kernel-name "$filter" --error-exitcode 1 python scripts/sanitizer_run.py
     grep -q "SUMMARY:" "$out/sanitizer_$tool.log" && return  # it ran (errors or none)
     mv "$out/sanitizer_$tool.log" "$out/sanitizer_${tool}_filter_refused.log"
+    sed -i "/^sanitizer_$tool\$/d" "$out/failed_steps.txt"
     say "sanitizer_$tool: no summary with the kernel filter; again over the whole program"
   fi
   step "sanitizer_$tool" "$limit_a" "$san" --tool "$tool" --error-exitcode 1 python scripts/sanitizer_run.py
@@ -98,7 +109,7 @@ grep -E "(FAILED|ERROR) tests/" "$out/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-
 say "tests: $(grep -c PASSED "$out/tests.log") passed, $(wc -l <"$out/tests_failed.txt") failed or errored (tests_failed.txt)"
 say "phase A done"
 fi
-[[ "$phases" == *B* ]] || exit 0
+[[ "$phases" == *B* ]] || finish
 
 # ---- phase B: the GPU to itself
 step bench_adam "${BENCH_SECONDS:-150}" python -m fusedopt.bench --devices cuda --presets llama many-small gpt2-small \
@@ -111,4 +122,4 @@ for preset in llama many-small; do
 done
 step bench_sgd "${BENCH_SECONDS:-120}" python -m fusedopt.bench --devices cuda --presets llama many-small gpt2-small \
   --dtypes fp32 bf16 --optimizers sgd --budget 0.3 --no-progress --out "$out/bench_sgd"
-say "done"
+finish
