@@ -99,14 +99,18 @@ for cu in fused_step_kernels grad_norm_kernels; do
     && /usr/local/cuda/bin/cuobjdump --dump-resource-usage "/tmp/$cu.o" >>"$out/ptxas_$cu.log" 2>&1
 done
 wait
-# The suite alone on the GPU (CUDA tests enabled; the emulated-CUDA tests are CI's). -v names
-# every failure as it happens, so a run cut short by the time limit still says which failed.
+# The suite alone on the GPU (CUDA tests enabled; the emulated-CUDA tests are CI's). A run cut
+# short by the time limit still says which tests failed (-v, and test_times.tsv).
 timeout_opt=""
 python -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout=120"
-OMP_NUM_THREADS=2 step tests "${TESTS_SECONDS:-300}" python -m pytest -v -ra -n "${TEST_WORKERS:-14}" -k "not emul" \
-  -p no:cacheprovider $timeout_opt --durations=20
-grep -E "(FAILED|ERROR) tests/" "$out/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | sort -u >"$out/tests_failed.txt"
-say "tests: $(grep -c PASSED "$out/tests.log") passed, $(wc -l <"$out/tests_failed.txt") failed or errored (tests_failed.txt)"
+# tests/conftest.py writes each test's outcome and seconds to test_times.tsv as it finishes.
+rm -f "$out/test_times.tsv"
+FUSEDOPT_TEST_LOG="$out/test_times.tsv" OMP_NUM_THREADS=2 step tests "${TESTS_SECONDS:-300}" \
+  python -m pytest -v -ra -n "${TEST_WORKERS:-14}" -k "not emul" -p no:cacheprovider $timeout_opt --durations=20
+touch "$out/test_times.tsv"
+awk -F'\t' '$1 == "failed"' "$out/test_times.tsv" >"$out/tests_failed.tsv"
+sort -t$'\t' -k2,2 -rn "$out/test_times.tsv" | head -30 >"$out/tests_slowest.tsv"
+say "tests: $(awk -F'\t' '$1 == "passed"' "$out/test_times.tsv" | wc -l) passed, $(wc -l <"$out/tests_failed.tsv") failed (tests_failed.tsv; slowest: tests_slowest.tsv)"
 say "phase A done"
 fi
 [[ "$phases" == *B* ]] || finish

@@ -42,3 +42,15 @@ def _emulated_cuda(request):
     module = request.getfixturevalue("emulated_cuda_module")
     with emulated_cuda.emulated(module, **marker.kwargs):
         yield module
+
+
+def pytest_runtest_logreport(report):
+    """With FUSEDOPT_TEST_LOG=PATH, one line per test phase that failed and per test call, written
+    as it happens: outcome, seconds, node id. (scripts/gpu_check.sh uses it: a run cut short by its
+    time limit still says which tests failed and which were slow.)"""
+    path = os.environ.get("FUSEDOPT_TEST_LOG")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller gets every worker's reports: it writes them once
+    if path and (report.when == "call" or report.outcome == "failed"):
+        with open(path, "a") as f:
+            f.write(f"{report.outcome}\t{report.duration:.2f}\t{report.when}\t{report.nodeid}\n")
