@@ -10,7 +10,8 @@
 # Phase A: compute-sanitizer memcheck / initcheck over the whole sanitizer run and racecheck /
 # synccheck over fusedopt's kernels, in parallel (about a minute on an H200), ptxas register
 # counts, then the test suite with CUDA enabled (the emulated-CUDA tests left out: CI runs them).
-# Phase B, the GPU to itself: the benchmark, the host cost per tensor, ncu on single steps.
+# Phase B, the GPU to itself: the benchmark, the host cost per tensor, ncu on single steps, and
+# the timing of prebuilt variants (PREBUILT_DIR/NAME/) against each other.
 # GPU_CHECK_PHASES=A (or B) runs one phase only. Exits 1 if any step failed (failed_steps.txt).
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR [PREBUILT_DIR]}"
@@ -122,8 +123,30 @@ step host_cost 60 python benchmarks/bench_host_cost.py --device cuda --reps 20
 for preset in llama many-small; do
   step "ncu_$preset" 60 ncu --clock-control none --kernel-name regex:step_kernel --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    python scripts/profile_step.py "$preset" --steps 4
+    python scripts/profile_step.py "$preset" --steps 2
 done
+# Variants: every PREBUILT_DIR/NAME/ that holds an extension (scripts/prebuild_for_gpu_machine.sh
+# NAME) is timed against the others on the same steps, graph-captured (the kernel alone), in two
+# rounds of alternating processes.
+variants=()
+for d in "${prebuilt:-/nonexistent}"/*/; do
+  ls "$d"_C*.so >/dev/null 2>&1 && variants+=("$(basename "$d")")
+done
+if [ ${#variants[@]} -gt 0 ]; then
+  for v in "${variants[@]}"; do
+    rm -rf "/tmp/variant_$v" && mkdir -p "/tmp/variant_$v" && cp -r fusedopt "/tmp/variant_$v/"
+    rm -f "/tmp/variant_$v"/fusedopt/_C*.so
+    cp "$prebuilt/$v"/_C*.so "$prebuilt/$v"/_build_info.py "/tmp/variant_$v/fusedopt/"
+  done
+  for round in 1 2; do
+    for v in "${variants[@]}"; do
+      echo "== variant $v, round $round" >>"$out/variants.log"
+      PYTHONPATH="/tmp/variant_$v" step "variant_${v}_$round" 90 python scripts/profile_step.py \
+        llama:fp32 llama:bf16 llama:fp32:sgd many-small:fp32 --graph
+      cat "$out/variant_${v}_$round.log" >>"$out/variants.log"
+    done
+  done
+fi
 step bench_sgd "${BENCH_SECONDS:-120}" python -m fusedopt.bench --devices cuda --presets llama many-small gpt2-small \
   --dtypes fp32 bf16 --optimizers sgd --budget 0.3 --no-progress --out "$out/bench_sgd"
 finish

@@ -6,6 +6,9 @@
 #   bash scripts/prebuild_for_gpu_machine.sh          # then, on the GPU machine (carry .devbuild):
 #   bash scripts/gpu_check.sh OUT_DIR .devbuild
 #
+# With a NAME, the build goes to .devbuild/NAME/ instead: a variant of the kernels (the working
+# tree as it is now, uncommitted edits included) that gpu_check.sh times against the others.
+#
 # PYTHON (default python3.12) and TORCH (default 2.11.0) must match the GPU machine's (the H200
 # machines lent here had Python 3.12 and torch 2.11.0+cu130). The first run installs that torch
 # into a virtual environment in /tmp (a few GB of wheels, a few minutes); the build takes about
@@ -29,7 +32,8 @@ git ls-files -z | xargs -0 cp --parents -t "$tree"   # the tracked tree, with un
   MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_ext --inplace >"$tree/build.log" 2>&1) \
   || { tail -30 "$tree/build.log"; exit 1; }
 grep -qx "/.devbuild/" .git/info/exclude 2>/dev/null || echo "/.devbuild/" >>.git/info/exclude
-mkdir -p .devbuild
-cp "$tree"/fusedopt/_C*.so "$tree"/fusedopt/_build_info.py .devbuild/
-strip --strip-debug .devbuild/_C*.so
-ls -l .devbuild
+dest=".devbuild${1:+/$1}"
+mkdir -p "$dest"
+cp "$tree"/fusedopt/_C*.so "$tree"/fusedopt/_build_info.py "$dest/"
+strip --strip-debug "$dest"/_C*.so
+ls -l "$dest"
