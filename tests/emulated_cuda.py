@@ -80,10 +80,11 @@ def build(kernel_source: str | os.PathLike | None = None, build_dir: str | os.Pa
                  str(norm_kernels),
                  str(CSRC / "cuda" / "host_tables.cpp"), str(CSRC / "cuda" / "norm_tables.cpp"),
                  str(CSRC / "step_args.cpp"), str(CSRC / "grad_norm_args.cpp")],
-        # the half-type switches torch's CUDA builds give nvcc, so the kernels see the same API
+        # the half-type switches torch's CUDA builds give nvcc, so the kernels see the same API;
+        # FUSEDOPT_EMULATED_CFLAGS adds flags ("-mfma -ffp-contract=fast": nvcc's fused multiply-adds)
         extra_cflags=["-std=c++20", "-O2", "-Wno-unknown-pragmas", "-D__CUDA_NO_HALF_OPERATORS__",
                       "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                      "-D__CUDA_NO_HALF2_OPERATORS__"],
+                      "-D__CUDA_NO_HALF2_OPERATORS__"] + os.environ.get("FUSEDOPT_EMULATED_CFLAGS", "").split(),
         extra_include_paths=includes + [str(EMULATION)],
         build_directory=str(build_dir),
         verbose=verbose,
