@@ -159,7 +159,10 @@ def extensions_and_cmdclass():
     kwargs = dict(
         name="fusedopt._C",
         sources=sources,
-        extra_link_args=["-fopenmp"],
+        # -lstdc++: the shared C++ runtime even where the compiler links it statically by default
+        # (the g++ 13.3 of the H200 machines did). A second copy of the runtime in our library
+        # crashed the process, or cut error messages short, whenever an op raised an error.
+        extra_link_args=["-fopenmp", "-lstdc++"],
         define_macros=define_macros,
     )
     if with_cuda:

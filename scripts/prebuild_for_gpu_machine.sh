@@ -14,8 +14,8 @@
 # into a virtual environment in /tmp (a few GB of wheels, a few minutes); the build takes about
 # 8 minutes on 2 cores, an incremental one seconds.
 # The CPU kernels are built for AVX2, which any x86-64 GPU host has. (A build made on the H200
-# machine itself with its g++ 13.3 crashed the process whenever an op raised an error; this one,
-# g++ 12.2, raised cleanly there.)
+# machine itself with its g++ 13.3 linked libstdc++ statically and crashed the process whenever an
+# op raised an error; setup.py now links the shared one, which this build, g++ 12.2, did anyway.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3.12}"

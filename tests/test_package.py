@@ -2,6 +2,7 @@
 torch.compile traces optimizer.step()."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -127,3 +128,26 @@ def test_step_between_forward_and_backward_is_refused_like_torch(cls):
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+def test_extension_uses_the_shared_cpp_runtime():
+    """fusedopt._C must load libstdc++ as a shared library, the one torch uses. A copy linked
+    into it (a compiler that links libstdc++ statically, as the H200 machines' g++ 13.3 did)
+    crashed the process, or cut error messages short, whenever an op raised an error."""
+    from fusedopt import _C
+
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) not found")
+    dynamic = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any(name.startswith("libstdc++.so") for name in needed), needed
+    # and an error message built from numbers comes through whole
+    from fusedopt.ops import ADAM_COLUMNS
+
+    n = len(ADAM_COLUMNS)
+    p = torch.nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(RuntimeError, match=rf"hyper has shape \[1, {n + 5}\] but 1 groups of {n} columns were expected"):
+        torch.ops.fusedopt.adam_([p], [torch.zeros(3, 5)], [torch.zeros(3, 5)], [torch.zeros(3, 5)], [],
+                                 [torch.zeros(())], [1], torch.zeros(1, n + 5, dtype=torch.float64),
+                                 [], schedule_state=[])
