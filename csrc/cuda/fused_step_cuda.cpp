@@ -33,8 +33,8 @@ namespace {
 // 16 warps whatever the block size; in blocks of 4 warps, one block's chunk prologue (the
 // dependent loads of chunk, tensor, group and step) and its end-of-chunk barrier overlap the
 // other blocks' streaming. On an H200 (one run, against 512 x 4 per SM): fp32 Adam on 0.67B
-// Llama-shaped params 6.03-6.13 -> 5.52 ms, bf16 6.06-6.18 -> 5.42 ms, 10,000 x 1,024 fp32
-// 0.99-1.22 -> 0.72 ms; 256 x 8 per SM gave 5.56 / 5.50 / 0.97 ms.
+// Llama-shaped params 6.03-6.13 -> 5.52 ms, bf16 6.06-6.18 -> 5.42 ms; 256 x 8 per SM gave
+// 5.56 / 5.50 ms (benchmarks/results/gpu/NOTES.md).
 constexpr int kBlock = 128;
 constexpr int kBlocksPerSm = 16;
 
