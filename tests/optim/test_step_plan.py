@@ -359,3 +359,32 @@ def test_step_counters_edited_in_place_or_shared_count_like_torch(name, two_thre
         opt.state[ps[3]]["step"] = opt.state[ps[3]]["step"].clone()
     step_both(2)
     check("the counter no longer shared")
+
+
+@pytest.mark.parametrize("unscaling", [False, True], ids=["plain", "grad-scale"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_every_step_through_the_plan_bumps_each_written_tensor_once(name, unscaling, two_threads):
+    """The plan bumps versions in its per-param check, on both threads' shares: after each step
+    every param's version (and, when a GradScaler's grad_scale has the kernel write the grads back
+    unscaled, every grad's) is one more, as torch's fused in-place op leaves it; and so autograd
+    refuses a backward through weights a later step changed, as test_package checks for the first."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(*shape, dtype=DT)) for shape, _ in [((1,), 0)] * 1300 + [((2,), 0)] * 800]
+    opt = fused_cls(name)(params, lr=0.01, **({"momentum": 0.9} if name == "SGD" else {}))
+    if unscaling:
+        opt.grad_scale = torch.tensor(4.0)
+        opt.found_inf = torch.tensor(0.0)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [(p._version, p.grad._version) for p in params]
+        opt.step()
+        assert all(type(b.step_plan).__name__ == "StepPlan" for b in opt._plan.batches)
+        bumped = [(p._version - v, p.grad._version - g) for p, (v, g) in zip(params, before)]
+        expected = (1, 1 if unscaling else 0)
+        wrong = [i for i, d in enumerate(bumped) if d != expected]
+        assert not wrong, f"step {step}: params {wrong[:5]}... bumped {bumped[wrong[0]]}, not {expected}"
+    loss = sum((p * p).sum() for p in params[-3:])  # saves the last params for its backward
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
