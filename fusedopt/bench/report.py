@@ -93,7 +93,9 @@ def _footer(res: dict) -> list[str]:
                  "(SGD 3/5 x elem size plain/momentum, Adam(W) 7x, amsgrad 9x, RMSprop/Adagrad/Lion 5x, per "
                  "element; precision variants: each tensor at its own size) / median time. "
                  "fusedopt speedup = t(torch variant) / t(fusedopt); > 1 means fusedopt is faster. "
-                 "% of stream BW may exceed 100% on CPU: the reference kernel reads and writes 1:1, "
+                 "% of stream BW: GB/s against the streaming reference sampled during the same "
+                 "preset and optimizer's timing rounds (the machine's bandwidth drifts; the header's "
+                 "figure is the run's median). It may exceed 100% on CPU: the reference kernel reads and writes 1:1, "
                  "an optimizer step is read-heavy (Adam 4 reads : 3 writes) and reads stream faster.")
     variants = list(dict.fromkeys(r["precision"] for r in res["results"] if r.get("precision") not in (None, "none")))
     if variants:
