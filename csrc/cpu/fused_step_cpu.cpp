@@ -564,12 +564,10 @@ inline void prefetch_chunk(const TensorSlot& s, int64_t begin) {
   for (int k = 0; k < kMaxStates; ++k) prefetch_role(s.state[k], s.state_dtype[k], s.numel, begin);
 }
 
-// Runs `per_chunk(index, slot, begin, end)` over all chunks of all tensors in one parallel region.
+// Runs `per_chunk(index, slot, begin, end)` over all chunks of all tensors in one parallel region
+// (`numels`: each slot's, gathered by the caller's one serial pass over the slots).
 template <typename F>
-void for_each_chunk(const StepArgs& args, const F& per_chunk) {
-  std::vector<int64_t> numels;
-  numels.reserve(args.tensors.size());
-  for (const auto& s : args.tensors) numels.push_back(s.numel);
+void for_each_chunk(const StepArgs& args, const std::vector<int64_t>& numels, const F& per_chunk) {
   const std::vector<WorkChunk> chunks = cpu_work_list(numels);
   const auto prefetch = [&](int64_t c) {
     const WorkChunk& n = chunks[static_cast<size_t>(c)];
@@ -670,8 +668,19 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   // count. A tensor of one chunk whose counter no other slot shares is the exception: its chunk
   // reads the counter, steps with the count + 1 and writes that back, on whichever thread it runs
   // (thousands of small tensors' counters are then not a serial pass of cache misses).
-  if constexpr (Rule::kHasStep) {
-    for (const auto& s : args.tensors) {
+  // This is also the one serial pass over the slots (with thousands of small tensors the table
+  // is most of a megabyte, out of cache after the plan's check): it gathers the work list's sizes
+  // and which groups have slots.
+  std::vector<int64_t> numels;
+  numels.reserve(args.tensors.size());
+  std::vector<char> has_slot(static_cast<size_t>(args.num_groups), 0);
+  int64_t groups_left = 0;
+  for (const auto& s : args.tensors) {
+    numels.push_back(s.numel);
+    char& seen = has_slot[static_cast<size_t>(s.group)];
+    groups_left += seen == 0;
+    seen = 1;
+    if constexpr (Rule::kHasStep) {
       if (bumped_in_chunk(args, s)) continue;
       for (int64_t k = 0; k < s.step_count; ++k) set_counter(s, k, counter_plus_one(s, k));
     }
@@ -684,17 +693,21 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   std::vector<CoeffCache<Rule>> caches(static_cast<size_t>(args.num_groups));
   std::vector<uint32_t> roles(static_cast<size_t>(args.num_groups));
   for (int64_t g = 0; g < args.num_groups; ++g) roles[static_cast<size_t>(g)] = role_mask<Rule>(row(g));
+  // each group's coefficients at its first slot's step; the scan ends once every group with
+  // slots has them (usually at the first slot of the last group)
   for (const auto& s : args.tensors) {
+    if (groups_left == 0) break;
     CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
     if (cache.valid) continue;
     cache.valid = true;
+    --groups_left;
     cache.step = step_of(s);
     const double lr = args.at(s.group, col::lr);
     cache.f = Rule::template coeffs<float>(row(s.group), lr, cache.step);
     cache.d = Rule::template coeffs<double>(row(s.group), lr, cache.step);
   }
   const int64_t seed = args.rounding_seed;
-  for_each_chunk(args, [&](int64_t index, const TensorSlot& s, int64_t begin, int64_t end) {
+  for_each_chunk(args, numels, [&](int64_t index, const TensorSlot& s, int64_t begin, int64_t end) {
     const CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];
     const double step = step_of(s);
     if (bumped_in_chunk(args, s)) set_counter(s, 0, step);
