@@ -6,6 +6,7 @@ Examples::
     fusedopt-bench --quick --out /tmp/bench         # tiny sizes, seconds; writes json/md/png
     fusedopt-bench --devices cuda --dtypes fp32 bf16 --optimizers adam adamw --out results/
     fusedopt-bench --distributed fsdp2 --nproc 2   # FSDP2-sharded model, one process per rank
+    fusedopt-bench --host-cost --devices cpu         # host µs per tensor on 10,000 one-element params
     fusedopt-bench --presets mixed                  # bf16 GPT-2: fusedopt precision options vs torch
     fusedopt-bench --optimizers rmsprop adagrad lion
     fusedopt-bench --presets huge --dtypes bf16 --optimizers adam --precision master master+fp32-state
@@ -127,7 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "--optimizers adamw, one --devices entry (cpu or cuda). --presets many-4k is where "
                         "torch's DTensor dispatch dominates, but its first steps take ~1 min there")
     p.add_argument("--nproc", type=int, default=2, help="--distributed: number of ranks (default: 2)")
+    p.add_argument("--host-cost", action="store_true",
+                   help="instead of the grid: the host time of one step per tensor (\"host µs per tensor\"), "
+                        "fusedopt (plain and flattened) against torch fused, Adam and SGD, on --tensors "
+                        "one-element float32 params, cold and warm (fusedopt/bench/host_cost.py); takes "
+                        "--devices (default: cpu and every GPU), --optimizers (adam, sgd), --reps (default "
+                        "60, in blocks of 10), --seed and --out (writes host_cost.json)")
+    p.add_argument("--tensors", type=int, default=None, help="--host-cost: number of params (default: 10000)")
     return p
+
+
+def _main_host_cost(args) -> int:
+    import json
+    from pathlib import Path
+
+    from fusedopt.bench import host_cost
+    from fusedopt.bench.sysinfo import environment
+
+    if args.distributed or args.precision or args.presets or args.dtypes or args.impls or args.quick:
+        raise SystemExit("fusedopt-bench: --host-cost takes only --devices, --optimizers, --reps, --tensors, "
+                         "--seed, --out and --no-progress")
+    optimizers = _choose("optimizer for --host-cost", _split(args.optimizers) or list(host_cost.OPTIMIZERS),
+                         host_cost.OPTIMIZERS)
+    reps = 60 if args.reps is None else args.reps
+    tensors = 10_000 if args.tensors is None else args.tensors
+    out = {"meta": environment(), "devices": []}
+    for device in _devices(_split(args.devices)):
+        try:
+            res = host_cost.measure(device, tensors=tensors, reps=reps, optimizers=optimizers, seed=args.seed)
+        except ValueError as e:
+            raise SystemExit(f"fusedopt-bench: {e}") from None
+        print(host_cost.format_lines(res))
+        out["devices"].append(res)
+    if args.out:
+        path = Path(args.out) / "host_cost.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
 
 
 def _main_distributed(args) -> int:
@@ -163,6 +201,10 @@ def _main_distributed(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.host_cost:
+        return _main_host_cost(args)
+    if args.tensors is not None:
+        raise SystemExit("fusedopt-bench: --tensors is an option of --host-cost")
     if args.distributed:
         return _main_distributed(args)
     presets = _choose("preset", _split(args.presets) or list(DEFAULT_PRESETS), PRESETS)
