@@ -668,18 +668,13 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   // count. A tensor of one chunk whose counter no other slot shares is the exception: its chunk
   // reads the counter, steps with the count + 1 and writes that back, on whichever thread it runs
   // (thousands of small tensors' counters are then not a serial pass of cache misses).
-  // This is also the one serial pass over the slots (with thousands of small tensors the table
-  // is most of a megabyte, out of cache after the plan's check): it gathers the work list's sizes
-  // and which groups have slots.
+  // This is also the one full serial pass over the slots (with thousands of small tensors the
+  // table is most of a megabyte, out of cache after the plan's check): it gathers the work list's
+  // sizes.
   std::vector<int64_t> numels;
   numels.reserve(args.tensors.size());
-  std::vector<char> has_slot(static_cast<size_t>(args.num_groups), 0);
-  int64_t groups_left = 0;
   for (const auto& s : args.tensors) {
     numels.push_back(s.numel);
-    char& seen = has_slot[static_cast<size_t>(s.group)];
-    groups_left += seen == 0;
-    seen = 1;
     if constexpr (Rule::kHasStep) {
       if (bumped_in_chunk(args, s)) continue;
       for (int64_t k = 0; k < s.step_count; ++k) set_counter(s, k, counter_plus_one(s, k));
@@ -693,8 +688,9 @@ void run_rule(StepArgs& args, const GradScalars& gs) {
   std::vector<CoeffCache<Rule>> caches(static_cast<size_t>(args.num_groups));
   std::vector<uint32_t> roles(static_cast<size_t>(args.num_groups));
   for (int64_t g = 0; g < args.num_groups; ++g) roles[static_cast<size_t>(g)] = role_mask<Rule>(row(g));
-  // each group's coefficients at its first slot's step; the scan ends once every group with
-  // slots has them (usually at the first slot of the last group)
+  // each group's coefficients at its first slot's step; the scan ends once every group has them
+  // (at the first slot of the last group; it reads on only when a group has no slots)
+  int64_t groups_left = args.num_groups;
   for (const auto& s : args.tensors) {
     if (groups_left == 0) break;
     CoeffCache<Rule>& cache = caches[static_cast<size_t>(s.group)];

@@ -342,8 +342,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                     # against the reference sampled in the cell's own rounds: the machine's
                     # bandwidth drifts over a run (by a third on the development VM), and a
                     # cell compared with the run's median would carry the drift as a result
-                    ref = r.get("stream_gbps_during") or info["bandwidth"]["gbps"]
-                    r["pct_of_stream"] = 100.0 * r["gbps"] / ref
+                    r["pct_of_stream"] = 100.0 * r["gbps"] / r["stream_gbps_during"]
     finally:
         bar.close()
     _add_speedups(out["results"])
