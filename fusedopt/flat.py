@@ -34,6 +34,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # param -> (its bucket, its index there), for as long as the param lives
 _slots: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _buckets: weakref.WeakSet = weakref.WeakSet()
+# how many times flatten_ has run: an optimizer's cached plan built before the latest flatten_
+# is rebuilt, which moves its state into the new flat state
+_generation = 0
 
 
 def _dead_ref():  # what a bucket keeps of a param that left it
@@ -235,8 +238,8 @@ def flatten_(params) -> FlatParams:
 
     ``params``: a module (its params that require grad), or an iterable of tensors or of param
     groups (dicts with ``'params'``, as an optimizer takes them; their order is kept, so each
-    group's params are adjacent). Call it before making the optimizer, or before its first step:
-    state made before is moved into flat state at the optimizer's next step.
+    group's params are adjacent). Call it before or after making the optimizer: state made before
+    (by earlier steps or ``load_state_dict``) is moved into flat state at the optimizer's next step.
 
     Existing grads move into the flat grads. Params keep their identity (``p.data`` is replaced),
     shapes and values; a module's ``state_dict`` and ``load_state_dict`` are unchanged. Params
@@ -260,7 +263,14 @@ def flatten_(params) -> FlatParams:
             _slots[p] = (bucket, i)
         _buckets.add(bucket)
         buckets.append(bucket)
+    global _generation
+    _generation += 1
     return FlatParams(buckets)
+
+
+def generation() -> int:
+    """How many times ``flatten_`` has run (a plan built before the latest run is stale)."""
+    return _generation
 
 
 def any_flat() -> bool:

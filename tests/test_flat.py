@@ -132,8 +132,8 @@ def test_flat_step_runs_as_one_tensor_per_group(name):
 def test_params_flattened_after_steps_coalesce_from_the_next_step():
     """A plan built over scattered params finds once that no slots can merge, and stops looking;
     flattening the params later gives them new storage, so the next step validates again and
-    merges each group into one slot (SGD without momentum: no state, which stays where it was
-    when params are flattened after the optimizer's first step), bit-identical to the plain run."""
+    merges each group into one slot (SGD without momentum: no state; state made before flatten_
+    has its own test below), bit-identical to the plain run."""
     ref, net = _nets()
     ref_opt, opt = fusedopt.SGD(_groups(ref), lr=0.1), fusedopt.SGD(_groups(net), lr=0.1)
     _train(ref, ref_opt, torch.Generator().manual_seed(5), 2, use_all=True)
@@ -144,6 +144,34 @@ def test_params_flattened_after_steps_coalesce_from_the_next_step():
     _train(net, opt, torch.Generator().manual_seed(6), 2, use_all=True)
     assert _flat_slots(opt) == [2]
     _assert_same(ref, net, ref_opt, opt, "flattened after 2 steps")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS) + ["Lion"])
+def test_state_made_before_flatten_moves_into_flat_state(name):
+    """flatten_ after the optimizer has stepped: the state its steps made (moments, counters,
+    momentum buffers) moves into flat state at the next step, which then runs as one slot per
+    group, bit-identical to the run that was never flattened (and the state dict keeps each
+    param's own shapes). Then flattening again, as a user re-running setup code would, moves it
+    into the new buckets' state."""
+    cls, _, kw = OPTIMIZERS[name] if name in OPTIMIZERS else (fusedopt.Lion, None, dict(lr=1e-3))
+    ref, net = _nets()
+    ref_opt, opt = cls(_groups(ref), **kw), cls(_groups(net), **kw)
+    for m, o in ((ref, ref_opt), (net, opt)):
+        _train(m, o, torch.Generator().manual_seed(7), 2, use_all=True)
+    assert _flat_slots(opt) == [6]
+    old = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]  # kept alive
+    for round_ in range(2):
+        fusedopt.flatten_(_groups(net))
+        for m, o in ((ref, ref_opt), (net, opt)):
+            _train(m, o, torch.Generator().manual_seed(8 + round_), 2, use_all=True)
+        assert _flat_slots(opt) == [2], round_
+        _assert_same(ref, net, ref_opt, opt, f"{name}, flattened after steps, round {round_}")
+    moved = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert moved and all(v._base is not None and all(v is not o for o in old) for v in moved)
+    for (key, a), b in zip(ref_opt.state_dict()["state"].items(), opt.state_dict()["state"].values()):
+        for k in a:
+            if torch.is_tensor(a[k]):
+                assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), (key, k)
 
 
 @pytest.mark.emulated_cuda

@@ -187,13 +187,15 @@ class _Batch:
 
 
 class _Plan:
-    __slots__ = ("signature", "batches", "without_grad", "params")
+    __slots__ = ("signature", "batches", "without_grad", "params", "flat_generation")
 
-    def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor], params: list[Tensor]):
+    def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor], params: list[Tensor],
+                 flat_generation: int):
         self.signature = signature
         self.batches = batches
         self.without_grad = without_grad
         self.params = params  # every param of every group, in order, as the plan was built
+        self.flat_generation = flat_generation  # fusedopt.flat.generation() when it was built
 
     def same_params(self, param_groups: list[dict]) -> bool:
         """Whether the groups still hold exactly these params (one identity test per param: a
@@ -401,7 +403,7 @@ class FusedStepMixin:
         without_grad: list[Tensor] = []
         first: dict[bool, str] = {}  # is a DTensor -> where the first such param is
         n = len(self.param_groups)
-        flat_params = flat.any_flat()
+        flat_params, flat_generation = flat.any_flat(), flat.generation()
         flat_moves: list = []
         seen: dict[int, tuple[int, int]] = {}  # id(param) -> its place
         spec = RULES[self._rule]
@@ -484,7 +486,7 @@ class FusedStepMixin:
         params = self._all_params()
         if signature is not None:  # the state as the build left it (lazy state, flat state)
             signature = self._signature()
-        return _Plan(signature, list(batches.values()), without_grad, params)
+        return _Plan(signature, list(batches.values()), without_grad, params, flat_generation)
 
     def _all_params(self) -> list[Tensor]:
         """Every param of every group, in order."""
@@ -530,6 +532,8 @@ class FusedStepMixin:
             plan is None
             or plan.signature != signature
             or not plan.same_params(self.param_groups)
+            # params flattened since (fusedopt.flatten_): their state moves into flat state
+            or plan.flat_generation != flat.generation()
             or any(p.grad is not None for p in plan.without_grad)
             # a param's state dict emptied in place (opt.state[p].clear()): re-initialise
             # like torch (a tracked dict's edits, assignments and opt.state.clear() change the
