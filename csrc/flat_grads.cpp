@@ -8,12 +8,20 @@
 // slot as its grad first, so AccumulateGrad adds into the slot in place. Params that get no
 // gradient keep grad None, exactly as in torch. The hook never attaches a slot to a param that
 // no longer lives in the bucket (its data replaced), and zeroes a slot first when its grad was
-// dropped without the bucket's memset (`p.grad = None`, nn.Module.zero_grad).
+// dropped without the bucket's memset (`p.grad = None`, nn.Module.zero_grad). It attaches only
+// when the backward accumulates into the param: torch.autograd.grad runs the hook too, but
+// returns the gradient and leaves `.grad` as it is.
+//
+// A slot is the param's grad tensor itself, so `p.grad.data = other` re-points the slot: the
+// bucket notices (slot_intact), treats that grad as the user's (zero_grad zeroes it or sets it
+// to None as torch does) and makes the param a new view of its place in the buffer.
 #include <ATen/core/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <memory>
 #include <string>
@@ -32,6 +40,8 @@ struct Bucket {
   std::vector<at::Tensor> slots;    // each param's grad view of it
   std::vector<WeakTensor> params;   // weak: the hooks the params own point here
   std::vector<int64_t> offsets;     // each param's storage offset in the flat param buffer
+  int64_t base = 0;                 // the first param's (the grad buffer starts there)
+  std::vector<std::vector<int64_t>> shapes;  // each param's shape when it was flattened
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // the flat param buffer's
   std::vector<uint8_t> dirty;       // the slot was attached since the last memset
   std::vector<uint8_t> released;    // the param left the bucket (flattened again)
@@ -44,8 +54,8 @@ struct Bucket {
     at::Tensor p(std::move(impl));
     const c10::intrusive_ptr<c10::StorageImpl> s = storage.lock();
     if (!s || !p.has_storage() || p.storage().unsafeGetStorageImpl() != s.get() ||
-        p.storage_offset() != offsets[i] || p.sizes() != slots[i].sizes() ||
-        p.scalar_type() != slots[i].scalar_type() || p.device() != slots[i].device()) {
+        p.storage_offset() != offsets[i] || p.sizes() != c10::IntArrayRef(shapes[i]) ||
+        p.scalar_type() != grads.scalar_type() || p.device() != grads.device()) {
       return {};
     }
     return p;
@@ -56,10 +66,44 @@ struct Bucket {
     return g.defined() && g.unsafeGetTensorImpl() == slots[i].unsafeGetTensorImpl();
   }
 
+  // A view of param i's place in the grad buffer.
+  at::Tensor view_of(size_t i) const {
+    return grads.narrow(0, offsets[i] - base, c10::multiply_integers(shapes[i])).view(shapes[i]);
+  }
+
+  // Whether slot i is still that view (`.data = ` on the grad tensor re-points it).
+  bool slot_intact(size_t i) const {
+    const at::Tensor& g = slots[i];
+    return g.has_storage() &&
+           g.storage().unsafeGetStorageImpl() == grads.storage().unsafeGetStorageImpl() &&
+           g.storage_offset() == grads.storage_offset() + offsets[i] - base &&
+           g.sizes() == c10::IntArrayRef(shapes[i]) && g.is_contiguous() &&
+           g.scalar_type() == grads.scalar_type() && g.device() == grads.device();
+  }
+
+  // Slot i as a view of its place again (the old tensor is the user's now). Its elements hold
+  // whatever the buffer had: zeroed before it is attached.
+  void renew_slot(size_t i) {
+    slots[i] = view_of(i);
+    dirty[i] = 1;
+  }
+
+  // Whether the running backward accumulates into p's .grad: every backward() does, and
+  // backward(inputs=...) for the inputs; torch.autograd.grad only captures the gradient.
+  static bool accumulates(const at::Tensor& p) {
+    const auto* info = torch::autograd::get_current_graph_task_exec_info();
+    if (info == nullptr || info->empty()) return true;  // backward() over the whole graph
+    const c10::intrusive_ptr<torch::autograd::Node> acc = torch::autograd::impl::try_get_grad_accumulator(p);
+    if (!acc) return false;
+    const auto it = info->find(acc.get());
+    return it != info->end() && it->second.needed_;
+  }
+
   // Before param i's gradient is accumulated: give it its slot when it has no grad.
   void attach(size_t i) {
     const at::Tensor p = param(i);
-    if (!p.defined() || p.grad().defined()) return;
+    if (!p.defined() || p.grad().defined() || !accumulates(p)) return;
+    if (!slot_intact(i)) renew_slot(i);
     if (dirty[i]) slots[i].zero_();
     dirty[i] = 1;
     p.mutable_grad() = slots[i];
@@ -77,14 +121,15 @@ class FlatGrads {
     b.offsets = offsets;
     b.dirty.assign(params.size(), 0);
     b.released.assign(params.size(), 0);
-    const int64_t base = params[0].storage_offset();
+    b.base = params[0].storage_offset();
     for (size_t i = 0; i < params.size(); ++i) {
       const at::Tensor& p = params[i];
       TORCH_CHECK(p.storage().unsafeGetStorageImpl() == params[0].storage().unsafeGetStorageImpl() &&
                       p.storage_offset() == offsets[i] && p.is_contiguous(),
                   "fusedopt.FlatGrads: params[", i, "] is not a view of the flat param buffer");
       b.params.emplace_back(p.getIntrusivePtr());
-      b.slots.push_back(grads.narrow(0, offsets[i] - base, p.numel()).view(p.sizes()));
+      b.shapes.emplace_back(p.sizes().begin(), p.sizes().end());
+      b.slots.push_back(b.view_of(i));
       // a grad it already has moves into its slot (a sparse or mismatched one stays as it is)
       const at::Tensor& g = p.grad();
       if (g.defined() && g.layout() == at::kStrided && g.sizes() == p.sizes() &&
@@ -116,8 +161,8 @@ class FlatGrads {
 
   // optimizer.zero_grad for the bucket's flat grads: one memset; with set_to_none, each param
   // whose grad is its slot gets None (the hooks bring the zeroed slot back at the next
-  // backward). Returns the params whose grads are not their slots, untouched: the caller
-  // zeroes those as torch does.
+  // backward). Returns the params whose grads are not their slots (or were their slots until
+  // given other data), untouched: the caller zeroes those as torch does.
   std::vector<at::Tensor> zero_grad(bool set_to_none) {
     Bucket& b = *b_;
     b.grads.zero_();
@@ -128,6 +173,10 @@ class FlatGrads {
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl = b.params[i].lock();
       if (!impl) continue;
       at::Tensor p(std::move(impl));
+      if (b.holds_grad(p, i) && !b.slot_intact(i)) {  // `p.grad.data = ...`: the user's tensor now
+        b.renew_slot(i);
+        b.dirty[i] = 0;  // zeroed by the memset above
+      }
       if (!b.holds_grad(p, i)) {
         if (p.grad().defined()) others.push_back(std::move(p));
       } else if (set_to_none) {

@@ -174,6 +174,81 @@ def test_state_made_before_flatten_moves_into_flat_state(name):
                 assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), (key, k)
 
 
+@pytest.mark.parametrize("how", ["optimizer", "buckets"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_grad_given_other_data_is_the_users_and_its_flat_grad_comes_back(how, set_to_none):
+    """`p.grad.data = other` re-points the tensor that was the param's flat grad. zero_grad (the
+    optimizer's or the buckets') then treats that tensor as torch does, zeroing it or setting the
+    grad to None, and with set_to_none the next backward accumulates into a new view of the flat
+    buffer: training equals the unflattened run, which does the same. A strided replacement is
+    refused by the step, as unflattened; zero_grad(set_to_none=True) then recovers."""
+    ref, net = _nets()
+    flat = fusedopt.flatten_(_groups(net))
+    ref_opt, opt = fusedopt.Adam(_groups(ref), lr=1e-2), fusedopt.Adam(_groups(net), lr=1e-2)
+    zero = {id(opt): flat.zero_grad if how == "buckets" else opt.zero_grad, id(ref_opt): ref_opt.zero_grad}
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        x = torch.randn(8, 6, generator=gen)
+        errors = []
+        for m, o in ((ref, ref_opt), (net, opt)):
+            zero[id(o)](set_to_none=set_to_none)
+            _loss(m, x, use_all=True).backward()
+            if step == 1:
+                w = m.a.weight
+                w.grad.data = w.grad.data * 2  # a new tensor: the flat grad's slot is the user's now
+            if step == 2:
+                w = m.b.weight
+                w.grad.data = torch.randn(6, 20, generator=torch.Generator().manual_seed(0))[::2, ::2]
+            try:
+                o.step()
+                errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+        assert errors[0] == errors[1], step
+        assert (errors[0] is not None) == (step == 2), (step, errors[0])
+        if step == 2:
+            assert "strides" in errors[0]
+            for m, o in ((ref, ref_opt), (net, opt)):  # torch's way out: fresh grads
+                zero[id(o)](set_to_none=True)
+                _loss(m, x, use_all=True).backward()
+                o.step()
+        _assert_same(ref, net, ref_opt, opt, f"step {step}")
+    old = net.a.weight.grad
+    zero[id(opt)](set_to_none=set_to_none)
+    if not set_to_none:
+        assert net.a.weight.grad is old and not old.any()  # the user's tensor, zeroed as torch does
+    else:
+        assert net.a.weight.grad is None
+        _loss(net, torch.randn(8, 6), use_all=True).backward()
+        assert all(p.grad._base is not None for p in net.parameters())  # flat views again
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_autograd_grad_leaves_flat_params_grads_alone(name):
+    """torch.autograd.grad runs the params' hooks too but accumulates nothing: after
+    zero_grad(set_to_none=True) the grads stay None and the step skips those params, as torch's
+    does. backward(inputs=...) gives only its inputs grads, as flat views."""
+    cls, torch_cls, kw = OPTIMIZERS[name]
+    ref, net = _nets()
+    fusedopt.flatten_(_groups(net))
+    ref_opt, opt = torch_cls(_groups(ref), foreach=False, **kw), cls(_groups(net), **kw)
+    x = torch.randn(8, 6)
+    for m, o in ((ref, ref_opt), (net, opt)):
+        _loss(m, x, use_all=True).backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+        grads = torch.autograd.grad(_loss(m, x, use_all=True), list(m.parameters()))
+        assert all(g.abs().sum() > 0 for g in grads)
+        assert all(p.grad is None for p in m.parameters())
+        o.step()  # no grads: nothing moves (Adam's momentum would, were they zeros)
+        _loss(m, x, use_all=True).backward(inputs=[m.a.weight, m.b.bias])
+        assert [p.grad is not None for p in m.parameters()] == [True, False, False, True, False, False]
+        o.step()
+    assert net.a.weight.grad._base is not None and net.b.bias.grad._base is not None
+    for p, q in zip(ref.parameters(), net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.emulated_cuda
 def test_emul_flat_sgd_launches_one_tensor_per_group(emulated_cuda_module):
     """The CUDA path coalesces too (emulated kernels): SGD, whose slots have no device step
