@@ -385,15 +385,17 @@ void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
   if (clip.has_value()) {
     const at::Tensor& c = *clip;
-    TORCH_CHECK(c.numel() == 2 && c.scalar_type() == at::kFloat && c.is_contiguous() &&
-                    (out.tensors.empty() || c.device() == out.device),
-                op, ": clip must be a contiguous float32 tensor of 2 elements (the grad norm and the "
-                "clip coefficient, from fusedopt::grad_norm_) on ", out.device, ", got ",
+    TORCH_CHECK(c.numel() == 2 && (c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble) &&
+                    c.is_contiguous() && (out.tensors.empty() || c.device() == out.device),
+                op, ": clip must be a contiguous float32 or float64 tensor of 2 elements (the grad "
+                "norm and the clip coefficient, from fusedopt::grad_norm_) on ", out.device, ", got ",
                 c.scalar_type(), " with ", c.numel(), " elements on ", c.device());
   }
   out.grad_scale = grad_scale;
   out.found_inf = found_inf;
   out.clip = clip;
+  out.clip_data = clip.has_value() ? clip->data_ptr() : nullptr;
+  out.clip_is_double = clip.has_value() && clip->scalar_type() == at::kDouble;
 }
 
 // A param's step counter: one element, float32 or float64, on the step's device.

@@ -73,6 +73,10 @@ struct StepTable {
   // No two slots share a step counter (a plan checked it once): the CPU step may then bump each
   // single-chunk tensor's counter in its own chunk, on any thread, instead of all serially first.
   bool distinct_step_counters = false;
+  // The clip (fusedopt::grad_norm_'s [total grad norm, clip coefficient]), float32 or float64
+  // (float64 when a grad is: torch clips float64 grads by a float64 coefficient); null: none.
+  const void* clip_data = nullptr;
+  bool clip_is_double = false;
   // Some slot's param starts where the slot before ends (else, as a plan found once for params
   // that keep their storage, no slots can coalesce and the step skips looking).
   bool params_adjacent = true;

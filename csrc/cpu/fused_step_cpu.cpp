@@ -52,7 +52,7 @@ struct GradScalars {
   bool unscale = false;
   float inv_scale = 1.0f;
   bool clip = false;
-  float clip_coef = 1.0f;
+  double clip_coef = 1.0;  // as the clip holds it; float32 math uses it rounded to float, as torch
 };
 
 // Elements of one tensor converted at a time: the rule then runs on math values in L1-resident
@@ -324,7 +324,7 @@ int64_t rule_registers_by(const TensorSlot& s, int64_t begin, int64_t end, uint3
   const Elem pe = master ? Elem::f32 : s.dtype;
   // the param's type inside the loop: float32 with a master, else the grad's
   constexpr int PE = MASTER == 1 ? static_cast<int>(Elem::f32) : (MASTER == 0 || MASTER == kStochastic ? GE : kDynamic);
-  const VecF inv_scale(gs.inv_scale), clip_coef(gs.clip_coef);
+  const VecF inv_scale(gs.inv_scale), clip_coef(static_cast<float>(gs.clip_coef));
   int64_t i = begin;
   for (; i + N * W <= end; i += N * W) {
     VecF p[N], g[N], st[N][kStates > 0 ? kStates : 1];
@@ -591,11 +591,14 @@ bool read_scalars(const StepArgs& args, GradScalars& gs) {
     gs.unscale = true;
     gs.inv_scale = static_cast<float>(1.0 / args.grad_scale->item<double>());
   }
-  if (args.clip.has_value()) {
-    const float* c = args.clip->data_ptr<float>();
-    if (!std::isfinite(c[0])) return false;
-    gs.clip = c[1] != 1.0f;  // a clamped coefficient of 1 leaves the grads as they are
-    gs.clip_coef = c[1];
+  if (args.clip_data != nullptr) {
+    const auto read = [&](int k) {
+      return args.clip_is_double ? static_cast<const double*>(args.clip_data)[k]
+                                 : static_cast<double>(static_cast<const float*>(args.clip_data)[k]);
+    };
+    if (!std::isfinite(read(0))) return false;
+    gs.clip_coef = read(1);
+    gs.clip = gs.clip_coef != 1.0;  // a clamped coefficient of 1 leaves the grads as they are
   }
   return true;
 }

@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -245,7 +246,13 @@ double chunk_partial(const T* p, int64_t begin, int64_t end, NormKind kind, doub
                      float inv) {
 #if defined(FUSEDOPT_CPU_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    if (kind == NormKind::two) return sumsq_f32(p, begin, end, scaled, inv);
+    if (kind == NormKind::two) {
+      // A block's float sum overflows once elements pass about 1.6e18 (squares summing past
+      // FLT_MAX): such a chunk again with float64 squares, which gives the true norm (inf only
+      // from inf elements). Finite grads that large are rare; this costs a test per chunk.
+      const double r = sumsq_f32(p, begin, end, scaled, inv);
+      return std::isinf(r) ? chunk_vec16(p, begin, end, kind, scaled, inv) : r;
+    }
   }
   if (kind != NormKind::p) {
     if constexpr (std::is_same_v<T, double>) {

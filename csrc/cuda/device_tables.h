@@ -81,10 +81,11 @@ struct LaunchArgs {
   int32_t num_tensors;
   const float* grad_scale;   // device scalar, or null
   const float* found_inf;    // device scalar, or null
-  const float* clip;         // device [grad norm, clip coefficient], or null
+  const void* clip;          // device [grad norm, clip coefficient], float32 or float64, or null
   int64_t rounding_seed;     // >= 0: bfloat16 params without a master round stochastically
   float host_inv_scale;      // used when grad_scale is null and has_host_scale is set
   int32_t has_host_scale;
+  int32_t clip_is_double;
   int32_t rule;              // fusedopt::RuleId
   int32_t grid;
   int32_t block;

@@ -89,7 +89,6 @@ void launch(const char* op, const StepArgs& args) {
   LaunchArgs la = make_launch_args(tables, args, groups.table, tensors.table, tensors.counters);
   la.grad_scale = device_float_scalar(op, "grad_scale", grad_scale);
   la.found_inf = device_float_scalar(op, "found_inf", found_inf);
-  if (args.clip.has_value()) la.clip = args.clip->data_ptr<float>();
   if (grad_scale.has_value() && grad_scale->device().is_cpu()) {
     la.has_host_scale = 1;
     la.host_inv_scale = static_cast<float>(1.0 / grad_scale->item<double>());

@@ -116,8 +116,14 @@ struct GradScalars {
   bool unscale;
   float inv_scale;
   bool clip;
-  float clip_coef;
+  double clip_coef;  // as the clip holds it; float32 math uses it rounded to float, as torch
 };
+
+// Element k of the clip ([grad norm, clip coefficient]).
+__device__ __forceinline__ double read_clip(const LaunchArgs& a, int k) {
+  return a.clip_is_double ? static_cast<const double*>(a.clip)[k]
+                          : static_cast<double>(static_cast<const float*>(a.clip)[k]);
+}
 
 __device__ __forceinline__ GradScalars read_scalars(const LaunchArgs& a) {
   GradScalars s{a.has_host_scale != 0, a.host_inv_scale, false, 1.0f};
@@ -127,8 +133,8 @@ __device__ __forceinline__ GradScalars read_scalars(const LaunchArgs& a) {
     s.inv_scale = static_cast<float>(1.0 / static_cast<double>(*a.grad_scale));
   }
   if (a.clip != nullptr) {
-    s.clip_coef = a.clip[1];
-    s.clip = s.clip_coef != 1.0f;  // a clamped coefficient of 1 leaves the grads as they are
+    s.clip_coef = read_clip(a, 1);
+    s.clip = s.clip_coef != 1.0;  // a clamped coefficient of 1 leaves the grads as they are
   }
   return s;
 }
@@ -137,8 +143,8 @@ __device__ __forceinline__ GradScalars read_scalars(const LaunchArgs& a) {
 __device__ __forceinline__ bool skip_step(const LaunchArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return true;
   if (a.clip != nullptr) {
-    const float norm = a.clip[0];
-    if (!(norm - norm == 0.0f)) return true;  // inf or NaN
+    const double norm = read_clip(a, 0);
+    if (!(norm - norm == 0.0)) return true;  // inf or NaN
   }
   return false;
 }

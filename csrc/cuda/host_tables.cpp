@@ -139,6 +139,8 @@ LaunchArgs make_launch_args(const HostTables& t, const StepTable& args, const vo
   la.done_counters = counters;
   la.rule = static_cast<int32_t>(args.rule);
   la.rounding_seed = args.rounding_seed;
+  la.clip = args.clip_data;
+  la.clip_is_double = args.clip_is_double ? 1 : 0;
   if (t.has_schedule) {
     la.phases = reinterpret_cast<const double*>(g + t.phases_offset);
     la.schedule_step = args.schedule_step;

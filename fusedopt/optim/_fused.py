@@ -565,7 +565,10 @@ class FusedStepMixin:
             if any(map(_is_none, grads)):
                 return False
             grads = real_views(grads, batch.complex_idx)
-            out = torch.empty(2, dtype=torch.float32, device=batch.device)
+            # torch's total norm and coefficient are float64 as soon as a grad is (its float32
+            # grads are then scaled by the coefficient rounded to float, as the kernels do)
+            wide = any(g.dtype == torch.float64 for g in grads)
+            out = torch.empty(2, dtype=torch.float64 if wide else torch.float32, device=batch.device)
             torch.ops.fusedopt.grad_norm_(grads, norm_type, float(max_norm), out,
                                           on_device(grad_scale, batch.device))
             outs[batch.device] = out

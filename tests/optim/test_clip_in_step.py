@@ -3,9 +3,10 @@
 Specification (the issue): ``fusedopt.X(..., max_grad_norm=M, grad_norm_type=p)`` steps exactly like
 ``torch.nn.utils.clip_grad_norm_(all params with grads, M, p)`` followed by ``step()``: ONE global
 norm over every param the optimizer steps (not one per group), coefficient ``M / (norm + 1e-6)``
-clamped to 1 in float32, computed on the *unscaled* grads when a GradScaler drives the step.
-``optimizer.grad_norm`` is the last step's total norm (before clipping), a 0-dim float32 tensor on
-the params' device (None before the first clipped step).  A non-finite norm skips the step like a
+clamped to 1 in float32 (float64 as soon as a grad is float64, as torch's total norm then is),
+computed on the *unscaled* grads when a GradScaler drives the step. ``optimizer.grad_norm`` is the
+last step's total norm (before clipping), a 0-dim float32 (or float64) tensor on the params' device
+(None before the first clipped step).  A non-finite norm skips the step like a
 GradScaler skip (params, state and step counters unchanged; no momentum buffer is created by a
 skipped first step) and ``grad_norm`` shows the non-finite value.  The clipped grads are NOT
 written back: p.grad after step() holds the unclipped grads (unscaled in place under a GradScaler).
@@ -52,6 +53,7 @@ from collections import Counter
 
 import pytest
 import torch
+import fusedopt
 
 from optim_parity_utils import (
     RecordFusedOps,
@@ -743,3 +745,52 @@ def test_clip_never_syncs_with_the_host(name):
         torch.cuda.set_sync_debug_mode(0)
     ps_ = [p.grad for p in ps]
     torch.testing.assert_close(opt.grad_norm, torch_total_norm(ps_, 2.0).cuda(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Lion"])
+def test_float64_params_are_clipped_in_float64(name, device):
+    """torch clips float64 grads by a float64 norm and coefficient. With float64 params the
+    step's norm and coefficient are float64 too (``grad_norm`` is float64), so the params match
+    torch to float64 precision: a float32 coefficient was off by ~1e-8 of each clipped update.
+    Lion (no torch class) against torch's clip followed by fusedopt's unclipped Lion step."""
+    gen = torch.Generator().manual_seed(21)
+    init = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((40,), (7, 9))]
+    cls = getattr(fusedopt, name)
+    ref_cls = getattr(torch.optim, name, None)
+    kw = dict(lr=0.1) if name != "Lion" else dict(lr=1e-3, weight_decay=0.1)
+    ps = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    qs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(ps, max_grad_norm=4.0, **kw)
+    ref = ref_cls(qs, foreach=False, **kw) if ref_cls is not None else cls(qs, **kw)
+    clipped = 0
+    for step in range(6):
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) * 2.0 ** (step % 3 - 2) for t in init]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.to(device), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(qs, 4.0, foreach=False)
+        clipped += bool(norm > 4.0)
+        opt.step()
+        ref.step()
+        assert opt.grad_norm.dtype == torch.float64
+        torch.testing.assert_close(opt.grad_norm.cpu(), norm, rtol=1e-14, atol=0)
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-13, atol=1e-15)
+    assert 0 < clipped < 6
+
+
+def test_float32_squares_past_the_float_range_get_their_true_norm(device):
+    """A float32 grad whose squares sum past FLT_MAX within one 128-element block (elements
+    above ~1.6e18) still has its true, finite norm, in the step and in clip_grad_norm_, for any
+    length; torch reports inf."""
+    for n in (127, 128, 300):
+        g = torch.full((n,), 1e19)
+        exact = float(torch.linalg.vector_norm(g.double()))
+        p = torch.nn.Parameter(torch.zeros(n, device=device))
+        p.grad = g.clone().to(device)
+        assert float(fusedopt.clip_grad_norm_([p], 1.0)) == pytest.approx(exact, rel=1e-6)
+        p.grad = g.clone().to(device)
+        opt = fusedopt.SGD([p], lr=1.0, max_grad_norm=1.0)
+        opt.step()
+        assert float(opt.grad_norm) == pytest.approx(exact, rel=1e-6)
+        # clipped to norm 1: every element moved by -1/sqrt(n)
+        torch.testing.assert_close(p.detach().cpu(), torch.full((n,), -1.0 / math.sqrt(n)), rtol=1e-5, atol=0)

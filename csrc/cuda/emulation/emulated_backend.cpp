@@ -103,7 +103,6 @@ void launch(const char* op, const StepArgs& args) {
                                    cached->counters.data());
   la.grad_scale = scalar_ptr(op, "grad_scale", args.grad_scale);
   la.found_inf = scalar_ptr(op, "found_inf", args.found_inf);
-  if (args.clip.has_value()) la.clip = args.clip->data_ptr<float>();
   la.grid = launch_grid(tables, cfg.grid);
   la.block = static_cast<int32_t>(cfg.block);
   if (la.grid == 0) return;
