@@ -16,13 +16,19 @@ graph it cannot run at all, and under ``torch.compile`` a float lr that changes 
 Each step uses lr(t) where t counts the optimizer's completed steps (a step skipped by GradScaler
 does not count; one in which no param has a grad does, on the host), so the trajectory is the host
 scheduler's. ``group["lr"]`` becomes a tensor the
-kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. No host work happens
+kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. The kernel never reads
+an lr set by hand, so ``group["lr"] = x`` with another value than the schedule's raises
+ValueError at the next step (an lr put back by ``load_state_dict`` of the optimizer, with the
+schedule's own state loaded too, is the schedule's and is taken; changing the tensor in place is
+not noticed and is overwritten). No host work happens
 per step for the lr, and a whole training step captured in a CUDA graph follows the schedule
 across replays. Schedules without a closed form (LambdaLR, ReduceLROnPlateau, ...) stay on the
 host: ``in_kernel`` raises TypeError for them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -67,23 +73,46 @@ class InKernelSchedule:
         start = max(int(scheduler.last_epoch), 0)
         self._counter = torch.tensor([start], dtype=torch.int64, device=self.device)
         # The kernel writes the next step's lr into these; they replace the float lrs.
+        self._lrs: list[Tensor] = []
         for group, group_phases in zip(optimizer.param_groups, phases):
             group["lr"] = torch.tensor(evaluate_phases(group_phases, start), dtype=torch.float64,
                                        device=self.device)
+            self._lrs.append(group["lr"])
         optimizer._attach_kernel_schedule(self)
 
     # -- what the optimizer passes to its op ---------------------------------------------------
 
     def kernel_args(self) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
         """(phase table, schedule_state = [counter, lr tensors], (begin, count) per group)."""
-        lrs = []
-        for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64):
-                # e.g. an optimizer state_dict load put a float (or a tensor elsewhere) back
-                lr = group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=self.device)
-            lrs.append(lr)
-        return self.table, [self._counter] + lrs, self.group_rows
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._lrs):
+            raise ValueError(
+                f"fusedopt.lr_scheduler.in_kernel: the optimizer has {len(groups)} param groups but its "
+                f"in-kernel schedule was made for {len(self._lrs)}; make the schedule (and call "
+                "in_kernel) after add_param_group")
+        for i, group in enumerate(groups):
+            if group["lr"] is not self._lrs[i]:
+                self._adopt_lr(i, group)
+        return self.table, [self._counter] + self._lrs, self.group_rows
+
+    def _adopt_lr(self, i: int, group: dict) -> None:
+        """Group i's lr was replaced (by hand, or by an optimizer state_dict load): taken when it is
+        the schedule's lr at its step, as a loaded lr is once the schedule's state is loaded too;
+        anything else the kernel would silently ignore, so it raises."""
+        lr = group["lr"]
+        t = self.last_epoch
+        expected = evaluate_phases(self.phases[i], t)
+        value = float(lr)
+        if not math.isclose(value, expected, rel_tol=1e-6, abs_tol=0.0):
+            raise ValueError(
+                f"fusedopt.lr_scheduler.in_kernel: param_groups[{i}]['lr'] was set to {value:.6g}, but "
+                f"the in-kernel schedule ({type(self.scheduler).__name__}) computes every step's lr "
+                f"from its step count (step {t}: lr {expected:.6g}) and would ignore it. To resume a "
+                "run, load the schedule's state_dict as well as the optimizer's; to set the lr by "
+                "hand, keep the schedule on the host (do not call in_kernel)")
+        if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64):
+            lr = group["lr"] = torch.tensor(value, dtype=torch.float64, device=self.device)
+        self._lrs[i] = lr
 
     def advance(self) -> None:
         """Counts a step that ran no kernel (no param had a grad), as the host scheduler's
@@ -114,10 +143,12 @@ class InKernelSchedule:
         self.scheduler.load_state_dict(state_dict["scheduler"])
         t = int(state_dict["last_epoch"])
         self._counter.fill_(t)
-        for group, group_phases in zip(self.optimizer.param_groups, self.phases):
-            if not torch.is_tensor(group["lr"]):  # an optimizer state_dict load replaced it
-                group["lr"] = torch.tensor(0.0, dtype=torch.float64, device=self.device)
-            group["lr"].fill_(evaluate_phases(group_phases, t))
+        for i, (group, group_phases) in enumerate(zip(self.optimizer.param_groups, self.phases)):
+            lr = group["lr"]
+            if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64):
+                lr = group["lr"] = torch.tensor(0.0, dtype=torch.float64, device=self.device)
+            lr.fill_(evaluate_phases(group_phases, t))
+            self._lrs[i] = lr
 
     def __repr__(self) -> str:
         return (f"InKernelSchedule({type(self.scheduler).__name__}, mode='in-kernel': the lr is "

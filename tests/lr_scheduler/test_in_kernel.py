@@ -158,3 +158,53 @@ def test_captured_training_step_follows_the_schedule_across_replays():
     assert sched.get_last_lr()[0] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-6)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_lr_set_by_hand_is_refused_not_ignored(device):
+    """The kernel computes every step's lr from the schedule, so an lr set by hand would be
+    ignored: a value other than the schedule's raises at the next step, naming the group, before
+    anything moves. The schedule's own value (as a loaded optimizer state_dict puts it back) is
+    taken, as a float or a tensor."""
+    a, _ = _pair("sgd", device)
+    sched = in_kernel(tls.ExponentialLR(a, gamma=0.9))
+    for step in range(3):
+        _grads((a, a), step)
+        a.step()
+    a.param_groups[0]["lr"] = float(a.param_groups[0]["lr"])  # the schedule's value: taken
+    a.param_groups[1]["lr"] = a.param_groups[1]["lr"].clone()
+    _grads((a, a), 3)
+    a.step()
+    assert sched.last_epoch == 4
+    a.param_groups[1]["lr"] = 0.5
+    before = [p.detach().clone() for g in a.param_groups for p in g["params"]]
+    _grads((a, a), 4)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] was set to 0\.5.*ExponentialLR.*step 4"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in a.param_groups for p in g["params"]]))
+    assert sched.last_epoch == 4
+
+
+def test_resuming_the_optimizer_without_its_schedule_is_refused():
+    """An optimizer state_dict carries the lr of its schedule's step; loaded into a run whose
+    in-kernel schedule is still at step 0, the next step raises (before, the schedule silently
+    started over). Loading the schedule's state too is the way (test above)."""
+    a, b = _pair("sgd")
+    in_kernel(tls.StepLR(a, step_size=5, gamma=0.5))
+    for step in range(12):
+        _grads((a, b), step)
+        a.step()
+    in_kernel(tls.StepLR(b, step_size=5, gamma=0.5))
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    _grads((a, b), 12)
+    with pytest.raises(ValueError, match="load the schedule's state_dict as well"):
+        b.step()
+
+
+def test_a_group_added_after_in_kernel_is_refused():
+    a, _ = _pair("sgd")
+    in_kernel(tls.StepLR(a, step_size=5))
+    a.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.3})
+    _grads((a, a), 0)
+    with pytest.raises(ValueError, match="has 3 param groups but its in-kernel schedule was made for 2"):
+        a.step()
