@@ -274,8 +274,9 @@ def generation() -> int:
 
 
 def any_flat() -> bool:
-    """Whether any live param was flattened (one check, so unflattened runs pay nothing)."""
-    return len(_slots) > 0
+    """Whether any live param was flattened (one check, so unflattened runs pay nothing; a run
+    that never called flatten_ reads only an int, which torch.compile traces without a break)."""
+    return _generation > 0 and len(_slots) > 0
 
 
 def slot_of(p: Tensor) -> tuple[FlatBucket, int] | None:

@@ -78,11 +78,14 @@ def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _lr_entry(lr: float | Tensor, device: torch.device, lr_tensors: list[Tensor]) -> tuple[float, int]:
-    """(lr value, lr_index): a device tensor lr is read by the kernel, anything else here."""
+    """(lr value, lr_index): a floating-point tensor lr on the params' device or the CPU goes to the
+    op, which reads it (a device one in the kernel), so a changing tensor lr is no Python float:
+    torch.compile neither breaks the graph on ``.item()`` nor recompiles for it. Anything else is
+    read here."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if lr.device == device and device.type != "cpu":
+        if lr.is_floating_point() and (lr.device == device or lr.device.type == "cpu"):
             lr_tensors.append(lr)
             return 0.0, len(lr_tensors) - 1
         return float(lr), -1

@@ -117,6 +117,73 @@ def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
 
 
 @pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.SGD, fusedopt.RMSprop, fusedopt.Lion])
+def test_torch_compile_fullgraph_with_a_tensor_lr_that_changes(cls):
+    """fullgraph=True (any graph break raises) for the first step, which makes the state, and
+    the later ones. A tensor lr changed in place between steps reaches the op as a tensor, not
+    as a Python float: no graph break on .item() and no recompile per lr (two frames: the first
+    step, which makes the state, and the steady one), and the steps are bit-identical to eager
+    ones."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(model.state_dict())
+    opt = cls(model.parameters(), lr=torch.tensor(0.01))
+    ref_opt = cls(ref.parameters(), lr=torch.tensor(0.01))
+    counter = CompileCounter()
+    compiled_step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    for _ in range(5):
+        x = torch.randn(16, 8)
+        for m in (model, ref):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        compiled_step()
+        ref_opt.step()
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"].mul_(0.7)
+    assert counter.frame_count == (1 if cls is fusedopt.SGD else 2)  # SGD(momentum=0): no state
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+def test_torch_compile_with_a_scheduled_tensor_lr_reads_no_item():
+    """torch's advice for compiled steps with a scheduler: a tensor lr, which the scheduler fills
+    in place. fusedopt passes it to the op, so dynamo meets no Tensor.item() (which breaks the
+    graph and re-traces: 4 frames before) and traces the step twice in all (first and steady);
+    bit-identical to eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = fusedopt.Adam(model.parameters(), lr=torch.tensor(0.01)), fusedopt.Adam(ref.parameters(), lr=torch.tensor(0.01))
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8) for o in (opt, ref_opt)]
+    counter = CompileCounter()
+    compiled_step = torch.compile(opt.step, backend=counter)
+    for _ in range(6):
+        x = torch.randn(16, 8)
+        for m in (model, ref):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        compiled_step()
+        ref_opt.step()
+        for sched in scheds:
+            sched.step()
+    assert not [reason for reason in counters["graph_break"] if "item()" in reason]
+    assert counter.frame_count == 2
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
 @pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam, torch.optim.SGD])
 def test_step_between_forward_and_backward_is_refused_like_torch(cls):
     # torch's in-place updates bump version counters, so autograd refuses a backward through
