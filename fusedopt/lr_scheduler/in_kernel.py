@@ -20,7 +20,8 @@ kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. The ke
 an lr set by hand, so ``group["lr"] = x`` with another value than the schedule's raises
 ValueError at the next step (an lr put back by ``load_state_dict`` of the optimizer, with the
 schedule's own state loaded too, is the schedule's and is taken; changing the tensor in place is
-not noticed and is overwritten). No host work happens
+not noticed and is overwritten). An lr set to 0 steps its group with lr 0 and keeps the schedule
+(see ``kernel_args``: torch.distributed.checkpoint's state initialisation does that). No host work happens
 per step for the lr, and a whole training step captured in a CUDA graph follows the schedule
 across replays. Schedules without a closed form (LambdaLR, ReduceLROnPlateau, ...) stay on the
 host: ``in_kernel`` raises TypeError for them.
@@ -54,7 +55,7 @@ class InKernelSchedule:
                 f"{type(optimizer).__module__}.{type(optimizer).__name__}; a torch.optim optimizer "
                 "keeps its schedule on the host"
             )
-        phases = kernel_phases(scheduler)  # TypeError for schedules without a closed form
+        kernel_phases(scheduler)  # TypeError for schedules without a closed form
         devices = {p.device for g in optimizer.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(
@@ -62,38 +63,57 @@ class InKernelSchedule:
             )
         self.scheduler = scheduler
         self.optimizer = optimizer
-        self.phases = phases
         self.device = devices.pop() if devices else torch.device("cpu")
-        rows: list[list[float]] = []
-        self.group_rows: list[tuple[int, int]] = []
-        for group_phases in phases:
-            self.group_rows.append((len(rows), len(group_phases)))
-            rows.extend([float(v) for v in phase] for phase in group_phases)
-        self.table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 8)
+        self._read_phases()
         start = max(int(scheduler.last_epoch), 0)
         self._counter = torch.tensor([start], dtype=torch.int64, device=self.device)
         # The kernel writes the next step's lr into these; they replace the float lrs.
         self._lrs: list[Tensor] = []
-        for group, group_phases in zip(optimizer.param_groups, phases):
+        for group, group_phases in zip(optimizer.param_groups, self.phases):
             group["lr"] = torch.tensor(evaluate_phases(group_phases, start), dtype=torch.float64,
                                        device=self.device)
             self._lrs.append(group["lr"])
         optimizer._attach_kernel_schedule(self)
 
+    def _read_phases(self) -> None:
+        """The schedule's phases (from its base lrs and settings) as the kernel's table."""
+        self.phases = kernel_phases(self.scheduler)
+        rows: list[list[float]] = []
+        self.group_rows: list[tuple[int, int]] = []
+        for group_phases in self.phases:
+            self.group_rows.append((len(rows), len(group_phases)))
+            rows.extend([float(v) for v in phase] for phase in group_phases)
+        self.table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 8)
+
     # -- what the optimizer passes to its op ---------------------------------------------------
 
-    def kernel_args(self) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
-        """(phase table, schedule_state = [counter, lr tensors], (begin, count) per group)."""
+    def kernel_args(self) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]] | None:
+        """(phase table, schedule_state = [counter, lr tensors], (begin, count) per group), or
+        None: every group's lr is set to 0 for this step, which then is not the schedule's.
+
+        A group whose lr is set to 0 in place of the schedule's tensor steps with lr 0 and keeps
+        its schedule: that is how torch.distributed.checkpoint's get_state_dict makes the state
+        of an optimizer that never stepped (one step on zero grads, every lr 0, then the lrs put
+        back), and how a run pauses a group. With every group at 0 the schedule does not advance."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self._lrs):
             raise ValueError(
                 f"fusedopt.lr_scheduler.in_kernel: the optimizer has {len(groups)} param groups but its "
                 f"in-kernel schedule was made for {len(self._lrs)}; make the schedule (and call "
                 "in_kernel) after add_param_group")
+        lrs, rows = [], []
         for i, group in enumerate(groups):
-            if group["lr"] is not self._lrs[i]:
+            lr = group["lr"]
+            if lr is not self._lrs[i]:
+                if float(lr) == 0.0 and evaluate_phases(self.phases[i], self.last_epoch) != 0.0:
+                    rows.append((0, 0))  # read from the group, as without a schedule
+                    continue
                 self._adopt_lr(i, group)
-        return self.table, [self._counter] + self._lrs, self.group_rows
+            lrs.append(self._lrs[i])
+            rows.append(self.group_rows[i])
+        if not lrs:
+            return None
+        return self.table, [self._counter] + lrs, rows
 
     def _adopt_lr(self, i: int, group: dict) -> None:
         """Group i's lr was replaced (by hand, or by an optimizer state_dict load): taken when it is
@@ -116,11 +136,15 @@ class InKernelSchedule:
 
     def advance(self) -> None:
         """Counts a step that ran no kernel (no param had a grad), as the host scheduler's
-        ``step()`` would: t advances and the groups' lrs become lr(t + 1)."""
+        ``step()`` would: t advances and the groups' lrs become lr(t + 1) (unless every group's lr
+        is set to 0: see kernel_args)."""
+        if self.kernel_args() is None:
+            return
         t = self.last_epoch + 1
         self._counter.fill_(t)
-        for group_phases, lr in zip(self.phases, self.kernel_args()[1][1:]):
-            lr.fill_(evaluate_phases(group_phases, t))
+        for group_phases, group, lr in zip(self.phases, self.optimizer.param_groups, self._lrs):
+            if group["lr"] is lr:
+                lr.fill_(evaluate_phases(group_phases, t))
 
     # -- the LRScheduler-like surface ----------------------------------------------------------
 
@@ -141,6 +165,7 @@ class InKernelSchedule:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.scheduler.load_state_dict(state_dict["scheduler"])
+        self._read_phases()  # from the loaded base lrs, which may differ from this run's first lrs
         t = int(state_dict["last_epoch"])
         self._counter.fill_(t)
         for i, (group, group_phases) in enumerate(zip(self.optimizer.param_groups, self.phases)):

@@ -359,10 +359,11 @@ class FusedStepMixin:
         for group in self.param_groups:
             lr, lr_index = _lr_entry(group["lr"], device, lr_tensors)
             rows.append(dict(self._hyper_row(group), lr=lr, lr_index=lr_index))
-        if self._kernel_schedule is None:
+        kernel_args = None if self._kernel_schedule is None else self._kernel_schedule.kernel_args()
+        if kernel_args is None:
             sched = {"schedule_state": []}
         else:
-            table, state, group_rows = self._kernel_schedule.kernel_args()
+            table, state, group_rows = kernel_args
             for row, (begin, count) in zip(rows, group_rows):
                 row["sched_begin"], row["sched_count"] = begin, count
             sched = {"schedule_state": state, "schedule": table}

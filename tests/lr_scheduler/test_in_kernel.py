@@ -208,3 +208,72 @@ def test_a_group_added_after_in_kernel_is_refused():
     _grads((a, a), 0)
     with pytest.raises(ValueError, match="has 3 param groups but its in-kernel schedule was made for 2"):
         a.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_with_every_lr_zero_is_not_the_schedules(device):
+    """torch.distributed.checkpoint's get_state_dict makes the state of an optimizer that never
+    stepped by one step on zero grads with every group's lr set to 0 (a tensor 0 for a tensor
+    lr), then puts the lrs back. That step moves no param (AdamW's weight decay included) and
+    does not count for the schedule; the run then goes on as torch's AdamW with its host
+    scheduler does after the same step."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, generator=g), torch.randn(3, generator=g)]
+    a = fusedopt.AdamW([{"params": [torch.nn.Parameter(init[0].to(device))], "lr": 0.1},
+                        {"params": [torch.nn.Parameter(init[1].to(device))], "lr": 0.03}], lr=0.1)
+    t = torch.optim.AdamW([{"params": [torch.nn.Parameter(init[0].clone())], "lr": 0.1},
+                           {"params": [torch.nn.Parameter(init[1].clone())], "lr": 0.03}], lr=0.1, foreach=False)
+    sa, st = in_kernel(tls.StepLR(a, step_size=2, gamma=0.5)), tls.StepLR(t, step_size=2, gamma=0.5)
+    for opt in (a, t):  # torch.distributed.checkpoint.state_dict._init_optim_state
+        saved = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+            group["lr"] = torch.tensor(0.0) if torch.is_tensor(group["lr"]) else 0.0
+        opt.step()
+        for group, lr in zip(opt.param_groups, saved):
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(p.cpu(), q) for p, q in zip([p for gr in a.param_groups for p in gr["params"]], init))
+    assert sa.last_epoch == 0 and len(a.state) == 2  # the state is made
+    for step in range(5):
+        grads = [torch.randn(q.shape, generator=g) for q in init]
+        for opt in (a, t):
+            for group, grad in zip(opt.param_groups, grads):
+                group["params"][0].grad = grad.to(group["params"][0].device)
+            opt.step()
+        st.step()
+        assert sa.get_last_lr() == pytest.approx(st.get_last_lr(), rel=1e-12)
+    for ga, gt in zip(a.param_groups, t.param_groups):
+        torch.testing.assert_close(ga["params"][0].detach().cpu(), gt["params"][0].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_into_an_optimizer_made_at_another_lr_follows_the_loaded_schedule():
+    """A resumed optimizer built at the saved lr (as a checkpoint without 'initial_lr' gives it)
+    makes its schedule from that lr; loading the schedule's state brings the saved base lrs, and
+    the kernel's phases follow them: the lrs equal the uninterrupted host schedule's."""
+    def lrs_after_resume(kernel):
+        p = torch.nn.Parameter(torch.ones(3))
+        o1 = fusedopt.SGD([p], lr=0.01)
+        s1 = tls.StepLR(o1, step_size=2, gamma=0.5)
+        s1 = in_kernel(s1) if kernel else s1
+        for _ in range(3):
+            p.grad = torch.ones(3)
+            o1.step()
+            s1.step()
+        q = torch.nn.Parameter(torch.ones(3))
+        o2 = fusedopt.SGD([q], lr=float(o1.param_groups[0]["lr"]))
+        s2 = tls.StepLR(o2, step_size=2, gamma=0.5)
+        s2 = in_kernel(s2) if kernel else s2
+        s2.load_state_dict(copy.deepcopy(s1.state_dict()))
+        out = []
+        for _ in range(4):
+            q.grad = torch.ones(3)
+            out.append(float(o2.param_groups[0]["lr"]))
+            o2.step()
+            s2.step()
+        return out
+
+    host = lrs_after_resume(False)
+    assert host == [0.005, 0.0025, 0.0025, 0.00125]
+    assert lrs_after_resume(True) == pytest.approx(host, rel=1e-12)
