@@ -274,9 +274,13 @@ def generation() -> int:
 
 
 def any_flat() -> bool:
-    """Whether any live param was flattened (one check, so unflattened runs pay nothing; a run
-    that never called flatten_ reads only an int, which torch.compile traces without a break)."""
-    return _generation > 0 and len(_slots) > 0
+    """Whether any live param was flattened (one check, so unflattened runs pay nothing). False
+    while torch.compile traces: dynamo refuses the weak dictionaries flat storage is looked up in,
+    so a compiled step or zero_grad treats flat params as ordinary ones (the same results; the
+    state moves into flat storage at an eager step)."""
+    if torch.compiler.is_compiling():
+        return False
+    return len(_slots) > 0
 
 
 def slot_of(p: Tensor) -> tuple[FlatBucket, int] | None:

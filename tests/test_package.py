@@ -117,13 +117,15 @@ def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
 
 
 @pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flatten_"])
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.SGD, fusedopt.RMSprop, fusedopt.Lion])
-def test_torch_compile_fullgraph_with_a_tensor_lr_that_changes(cls):
+def test_torch_compile_fullgraph_with_a_tensor_lr_that_changes(cls, flat):
     """fullgraph=True (any graph break raises) for the first step, which makes the state, and
-    the later ones. A tensor lr changed in place between steps reaches the op as a tensor, not
-    as a Python float: no graph break on .item() and no recompile per lr (two frames: the first
-    step, which makes the state, and the steady one), and the steps are bit-identical to eager
-    ones."""
+    the later ones, with or without flat storage in the process (a compiled step treats flat
+    params as ordinary ones). A tensor lr changed in place between steps reaches the op as a
+    tensor, not as a Python float: no graph break on .item() and no recompile per lr (two
+    frames: the first step, which makes the state, and the steady one), and the steps are
+    bit-identical to eager ones."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
@@ -131,6 +133,8 @@ def test_torch_compile_fullgraph_with_a_tensor_lr_that_changes(cls):
     torch.manual_seed(0)
     model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     ref.load_state_dict(model.state_dict())
+    if flat:
+        fusedopt.flatten_(model)
     opt = cls(model.parameters(), lr=torch.tensor(0.01))
     ref_opt = cls(ref.parameters(), lr=torch.tensor(0.01))
     counter = CompileCounter()

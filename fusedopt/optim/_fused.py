@@ -141,6 +141,27 @@ class _TrackedState(defaultdict):
         return (defaultdict, (dict,), None, None, ((k, _plain(v)) for k, v in self.items()))
 
 
+def _join_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The float32 master of a bfloat16 param and its int16 remainder (csrc/precision.h's
+    join_master): the param's bits, one lower for a negative remainder, above the remainder's."""
+    bits = param.view(torch.int16).to(torch.int64) & 0xFFFF
+    rem = remainder.to(torch.int64)
+    word = (((bits - (rem < 0).to(torch.int64)) & 0xFFFF) << 16) | (rem & 0xFFFF)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).view(torch.float32)
+
+
+def _split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """(bfloat16 bits as int16, int16 remainder) of a float32 master (precision.h's split_master):
+    the param rounded to nearest with ties away from zero, and the master's low 16 bits; a NaN
+    gives a quiet NaN param and a zero remainder."""
+    u = master.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    nan = master.isnan()
+    bits = torch.where(nan, (u >> 16) | 0x40, ((u + 0x8000) >> 16) & 0xFFFF)
+    rem = torch.where(nan, torch.zeros_like(u), u & 0xFFFF)
+    to16 = lambda x: torch.where(x >= 2**15, x - 2**16, x).to(torch.int16)  # noqa: E731
+    return to16(bits).view_as(master), to16(rem).view_as(master)
+
+
 def _plain(value):
     return dict(value) if isinstance(value, _ParamState) else value
 
@@ -271,7 +292,11 @@ class FusedStepMixin:
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_precision"):  # (torch's __init__ adds the first groups before _fused_init)
-            self._check_precision_params(self.param_groups[-1])
+            try:
+                self._check_precision_params(self.param_groups[-1])
+            except Exception:
+                self.param_groups.pop()  # refused: the optimizer stays as it was, as torch's does
+                raise
 
     @property
     def _columns(self) -> dict[str, int]:
@@ -302,8 +327,17 @@ class FusedStepMixin:
         if mode and p.dtype in _HALF_TYPES:
             key = _MASTER_KEYS[mode]
             if not isinstance(state.get(key), Tensor):
-                if mode == 1:
+                # the other mode's entry (a checkpoint of a run with the other option) holds the
+                # master exactly: converted, and not kept, where it would go stale
+                other = state.pop(_MASTER_KEYS[3 - mode], None)
+                if mode == 1 and isinstance(other, Tensor) and p.dtype == torch.bfloat16:
+                    state[key] = _join_master(p.detach(), other.to(p.device))
+                elif mode == 1:
                     state[key] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+                elif isinstance(other, Tensor):
+                    bits, state[key] = _split_master(other.to(device=p.device, dtype=torch.float32))
+                    with torch.no_grad():
+                        p.view(torch.int16).copy_(bits)
                 else:  # the param is the master exactly: a zero remainder
                     state[key] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
 

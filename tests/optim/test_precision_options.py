@@ -1123,3 +1123,69 @@ def test_register_path_splits_nan_masters_like_the_block_path(name):
     rem = o_whole.state[whole]["master_remainder"]
     assert torch.equal(rem, torch.cat([o_parts.state[p]["master_remainder"] for p in parts]))
     assert (rem[whole.detach().isnan()] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Lion"])
+def test_a_refused_param_group_is_not_added(name):
+    """add_param_group with params the precision options refuse (float16 params with bfloat16
+    master remainders) raises and leaves the optimizer as it was, as torch.optim's refusals do:
+    the later steps run, and the same params can be added once made right."""
+    import fusedopt
+
+    cls = getattr(fusedopt, name)
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = cls([p], lr=1e-2, master_weights=True, master_remainders=True)
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16"):
+        opt.add_param_group({"params": [q]})
+    assert len(opt.param_groups) == 1
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    assert q not in opt.state and len(opt.state[p]) > 0
+    q.data = q.data.to(torch.bfloat16)
+    q.grad = torch.ones_like(q)
+    opt.add_param_group({"params": [q]})
+    opt.step()
+    assert "master_remainder" in opt.state[q]
+
+
+@pytest.mark.parametrize("saved,loaded", [("master", "remainders"), ("remainders", "master")])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_checkpoint_loads_across_master_modes_exactly(name, saved, loaded):
+    """A checkpoint of a master_weights run loaded into a master_remainders one (and back) holds
+    the master exactly: it is converted (param rounded to nearest, ties away, plus the low 16
+    bits; or joined back), the other mode's entry is not kept, and the run continues
+    bit-identically to the one that saved it."""
+    import io
+
+    import fusedopt
+
+    opts = {"master": dict(master_weights=True), "remainders": dict(master_weights=True, master_remainders=True)}
+    cls = getattr(fusedopt, name)
+    kw = dict(lr=1e-2, weight_decay=0.01) if name == "AdamW" else dict(lr=1e-2, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(257, generator=g).to(torch.bfloat16))
+    a = cls([p], **kw, **opts[saved])
+    for _ in range(3):
+        p.grad = torch.randn(257, generator=g).to(torch.bfloat16)
+        a.step()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    q = torch.nn.Parameter(p.detach().clone())
+    b = cls([q], **kw, **opts[loaded])
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(3):
+        grad = torch.randn(257, generator=g).to(torch.bfloat16)
+        p.grad, q.grad = grad, grad.clone()
+        a.step()
+        b.step()
+        assert torch.equal(p, q)
+    want, other = ("master_param", "master_remainder") if loaded == "master" else ("master_remainder", "master_param")
+    assert want in b.state[q] and other not in b.state[q]
+    master_a = a.state[p]["master_param"] if saved == "master" else None
+    if master_a is not None:  # the masters agree bit for bit
+        from fusedopt.optim._fused import _join_master
+
+        master_b = b.state[q]["master_param"] if loaded == "master" else _join_master(q.detach(), b.state[q]["master_remainder"])
+        assert torch.equal(master_a, master_b)
