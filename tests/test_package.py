@@ -87,25 +87,39 @@ def test_missing_cpu_flags_reads_cpuinfo(tmp_path):
     assert _missing_cpu_flags(("avx2",), str(tmp_path / "absent")) == []  # unreadable: the library checks
 
 
-@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
-@pytest.mark.parametrize("cls,ref_cls", [(fusedopt.AdamW, torch.optim.AdamW), (fusedopt.SGD, torch.optim.SGD)])
-def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
+def _twin_linears():
+    """Two Linear(8, 4) with the same weights, for a compiled run against an eager one."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     ref.load_state_dict(model.state_dict())
-    kw = dict(lr=0.01, momentum=0.9) if cls is fusedopt.SGD else dict(lr=0.01)
-    opt, ref_opt = cls(model.parameters(), **kw), ref_cls(ref.parameters(), foreach=False, **kw)
-    compiled_step = torch.compile(opt.step)
-    for _ in range(3):
+    return model, ref
+
+
+def _train_twins(models, steps, compiled_step, ref_step, after_step=lambda: None):
+    """`steps` steps of both models on the same data: the first steps by `compiled_step`, the
+    second by `ref_step`."""
+    for _ in range(steps):
         x = torch.randn(16, 8)
-        for m in (model, ref):
+        for m in models:
             m.zero_grad()
             m(x).square().mean().backward()
         compiled_step()
-        ref_opt.step()
+        ref_step()
+        after_step()
+
+
+@pytest.mark.skipif(not fusedopt.extension_available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("cls,ref_cls", [(fusedopt.AdamW, torch.optim.AdamW), (fusedopt.SGD, torch.optim.SGD)])
+def test_torch_compile_traces_step_in_one_graph(cls, ref_cls):
+    import torch._dynamo
+
+    model, ref = _twin_linears()
+    kw = dict(lr=0.01, momentum=0.9) if cls is fusedopt.SGD else dict(lr=0.01)
+    opt, ref_opt = cls(model.parameters(), **kw), ref_cls(ref.parameters(), foreach=False, **kw)
+    _train_twins((model, ref), 3, torch.compile(opt.step), ref_opt.step)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     model(torch.randn(2, 8)).sum().backward()
@@ -126,28 +140,20 @@ def test_torch_compile_fullgraph_with_a_tensor_lr_that_changes(cls, flat):
     tensor, not as a Python float: no graph break on .item() and no recompile per lr (two
     frames: the first step, which makes the state, and the steady one), and the steps are
     bit-identical to eager ones."""
-    import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
-    ref.load_state_dict(model.state_dict())
+    model, ref = _twin_linears()
     if flat:
         fusedopt.flatten_(model)
     opt = cls(model.parameters(), lr=torch.tensor(0.01))
     ref_opt = cls(ref.parameters(), lr=torch.tensor(0.01))
     counter = CompileCounter()
-    compiled_step = torch.compile(opt.step, backend=counter, fullgraph=True)
-    for _ in range(5):
-        x = torch.randn(16, 8)
-        for m in (model, ref):
-            m.zero_grad()
-            m(x).square().mean().backward()
-        compiled_step()
-        ref_opt.step()
+
+    def lower_lrs():
         for o in (opt, ref_opt):
             o.param_groups[0]["lr"].mul_(0.7)
+
+    _train_twins((model, ref), 5, torch.compile(opt.step, backend=counter, fullgraph=True), ref_opt.step, lower_lrs)
     assert counter.frame_count == (1 if cls is fusedopt.SGD else 2)  # SGD(momentum=0): no state
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
@@ -159,28 +165,20 @@ def test_torch_compile_with_a_scheduled_tensor_lr_reads_no_item():
     in place. fusedopt passes it to the op, so dynamo meets no Tensor.item() (which breaks the
     graph and re-traces: 4 frames before) and traces the step twice in all (first and steady);
     bit-identical to eager."""
-    import torch._dynamo
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    model, ref = _twin_linears()
     counters.clear()
-    torch.manual_seed(0)
-    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
-    ref.load_state_dict(model.state_dict())
     opt, ref_opt = fusedopt.Adam(model.parameters(), lr=torch.tensor(0.01)), fusedopt.Adam(ref.parameters(), lr=torch.tensor(0.01))
     scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8) for o in (opt, ref_opt)]
     counter = CompileCounter()
-    compiled_step = torch.compile(opt.step, backend=counter)
-    for _ in range(6):
-        x = torch.randn(16, 8)
-        for m in (model, ref):
-            m.zero_grad()
-            m(x).square().mean().backward()
-        compiled_step()
-        ref_opt.step()
+
+    def step_schedules():
         for sched in scheds:
             sched.step()
+
+    _train_twins((model, ref), 6, torch.compile(opt.step, backend=counter), ref_opt.step, step_schedules)
     assert not [reason for reason in counters["graph_break"] if "item()" in reason]
     assert counter.frame_count == 2
     for p, q in zip(model.parameters(), ref.parameters()):
