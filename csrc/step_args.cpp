@@ -393,7 +393,6 @@ void finish_common(const char* op, StepArgs& out, at::TensorList lr_tensors,
   }
   out.grad_scale = grad_scale;
   out.found_inf = found_inf;
-  out.clip = clip;
   out.clip_data = clip.has_value() ? clip->data_ptr() : nullptr;
   out.clip_is_double = clip.has_value() && clip->scalar_type() == at::kDouble;
 }

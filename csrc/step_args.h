@@ -21,10 +21,7 @@ namespace fusedopt {
 struct StepArgs : StepTable {
   c10::Device device = c10::Device(c10::DeviceType::CPU);
   std::optional<at::Tensor> grad_scale, found_inf;
-  // [total grad norm, clip coefficient] (fusedopt::grad_norm_'s output, float32 or float64; the
-  // table's clip_data points at it): the grads are multiplied by the coefficient as they are
-  // read; a non-finite norm skips the step.
-  std::optional<at::Tensor> clip;
+  // (the clip, fusedopt::grad_norm_'s output, is the table's clip_data: the caller holds it)
 };
 
 // fusedopt::step_: any rule (update_rules.h), states given tensor by tensor in role order.

@@ -75,6 +75,8 @@ struct StepTable {
   bool distinct_step_counters = false;
   // The clip (fusedopt::grad_norm_'s [total grad norm, clip coefficient]), float32 or float64
   // (float64 when a grad is: torch clips float64 grads by a float64 coefficient); null: none.
+  // The grads are multiplied by the coefficient as they are read; a non-finite norm skips the
+  // step. Set by every step's arguments (finish_common), so a plan's table never keeps a stale one.
   const void* clip_data = nullptr;
   bool clip_is_double = false;
   // Some slot's param starts where the slot before ends (else, as a plan found once for params

@@ -171,7 +171,7 @@ class _Batch:
 
     __slots__ = ("device", "params", "states", "group_sizes", "origin", "complex_idx", "extra", "plain",
                  "state_params", "state_dicts", "dtensor", "owners", "owner_states", "specs", "unwrapped",
-                 "step_plan")
+                 "step_plan", "float64")
 
     def __init__(self, device: torch.device, num_groups: int, dtensor: bool = False):
         self.device = device
@@ -191,6 +191,9 @@ class _Batch:
         self.group_sizes = [0] * num_groups
         self.origin: list[tuple[int, int]] = []  # (group index, index in group['params'])
         self.complex_idx: list[int] = []
+        # A param is float64 (or complex128): its grad's norm, and so the clip, is float64 (the
+        # step refuses a grad of another dtype than its param's)
+        self.float64 = False
         self.extra: list = []  # per-optimizer per-entry data (e.g. has an amsgrad buffer)
         self.plain = True  # every param a plain Tensor/Parameter: the eager fast entry applies
         # The params that keep state, and their state dicts as self.state held them at build time.
@@ -509,6 +512,8 @@ class FusedStepMixin:
                     p = p._local_tensor
                 if torch.is_complex(p):
                     batch.complex_idx.append(len(batch.params))
+                if p.dtype in (torch.float64, torch.complex128):
+                    batch.float64 = True
                 if type(p) not in _PLAIN_TYPES:
                     batch.plain = False
                 batch.params.append(p)
@@ -602,8 +607,7 @@ class FusedStepMixin:
             grads = real_views(grads, batch.complex_idx)
             # torch's total norm and coefficient are float64 as soon as a grad is (its float32
             # grads are then scaled by the coefficient rounded to float, as the kernels do)
-            wide = any(g.dtype == torch.float64 for g in grads)
-            out = torch.empty(2, dtype=torch.float64 if wide else torch.float32, device=batch.device)
+            out = torch.empty(2, dtype=torch.float64 if batch.float64 else torch.float32, device=batch.device)
             torch.ops.fusedopt.grad_norm_(grads, norm_type, float(max_norm), out,
                                           on_device(grad_scale, batch.device))
             outs[batch.device] = out
