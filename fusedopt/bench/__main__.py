@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -24,19 +25,39 @@ from fusedopt.bench.optimizers import (DEFAULT_IMPLS, DEFAULT_OPTIMIZERS, IMPLS,
                                        all_impl_names)
 from fusedopt.bench.presets import DEFAULT_PRESETS, PRESETS
 from fusedopt.bench.runner import BUSY_WARN, DTYPES, BenchConfig, run
-from fusedopt.bench.sysinfo import other_cpu_busy
+from fusedopt.bench.sysinfo import other_cpu_busy_at_start
 
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                   "float64": "fp64", "double": "fp64"}
 
 
-def _split(values: list[str] | None) -> list[str] | None:
+def _split(values: list[str] | None, flag: str = "") -> list[str] | None:
+    """A list flag's values (space- or comma-separated); None when the flag was not given. A flag
+    given with nothing in it is an error, not the defaults."""
     if values is None:
         return None
     out = []
     for v in values:
         out += [x.strip() for x in v.split(",") if x.strip()]
+    if not out:
+        raise SystemExit(f"fusedopt-bench: {flag or 'a list flag'} was given no values")
     return out
+
+
+def _check_out_dir(out: str | None) -> None:
+    """Make --out's directory now and check that it takes files: an unusable one is reported
+    before the benchmark runs, not after."""
+    if not out:
+        return
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"fusedopt-bench: --out {out}: cannot write results there ({e.strerror or e})") from None
 
 
 def _choose(kind: str, given: list[str], allowed) -> list[str]:
@@ -62,7 +83,10 @@ def _devices(given: list[str] | None) -> list[str]:
         elif d == "cpu":
             out.append("cpu")
         elif d.startswith("cuda:"):
-            idx = int(d.split(":", 1)[1])
+            index = d.split(":", 1)[1]
+            if not index.isdigit():
+                raise SystemExit(f"fusedopt-bench: unknown device {d!r} (cuda:N takes a device index N >= 0)")
+            idx = int(index)
             if idx >= n_gpu:
                 raise SystemExit(f"fusedopt-bench: {d} is not visible ({n_gpu} CUDA devices)")
             out.append(d)
@@ -93,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", metavar="T", help=f"{', '.join(DTYPES)} (default: fp32)")
     p.add_argument("--optimizers", nargs="+", metavar="O",
                    help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; choices: {', '.join(OPTIMIZERS)} "
-                        "(torch has no fused RMSprop and no Lion: those rows are n/a)")
+                        "(torch has no fused RMSprop: that row is n/a; and no Lion: its torch rows are left "
+                        "out, or n/a where --impls names them)")
     p.add_argument("--impls", nargs="+", metavar="I",
                    help=f"default: {', '.join(DEFAULT_IMPLS)} (graph variants only on CUDA); also fusedopt-flat; naming them "
                         "explicitly also disables the default skips; precision variants "
@@ -107,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None,
                    help="timed steps per cell (default: auto - at least 3, until ~--budget seconds, "
                         "at most 15 on CPU / 100 on GPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
-    p.add_argument("--budget", type=float, default=0.6,
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps before timing (default: 2; 1 with --quick)")
+    p.add_argument("--budget", type=float, default=None,
                    help="auto reps: seconds of timed steps per cell (default: 0.6)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=None,
                    help="timed steps are taken in this many round-robin passes over the implementations, "
                         "with a bandwidth sample per pass (default: 3)")
     p.add_argument("--no-interleave", action="store_true",
@@ -127,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fusedopt against torch on the same DTensors; defaults there: --presets gpt2-small "
                         "--optimizers adamw, one --devices entry (cpu or cuda). --presets many-4k is where "
                         "torch's DTensor dispatch dominates, but its first steps take ~1 min there")
-    p.add_argument("--nproc", type=int, default=2, help="--distributed: number of ranks (default: 2)")
+    p.add_argument("--nproc", type=int, default=None, help="--distributed: number of ranks (default: 2)")
     p.add_argument("--host-cost", action="store_true",
                    help="instead of the grid: the host time of one step per tensor (\"host µs per tensor\"), "
                         "fusedopt (plain and flattened) against torch fused, Adam and SGD, on --tensors "
@@ -145,15 +171,22 @@ def _main_host_cost(args) -> int:
     from fusedopt.bench import host_cost
     from fusedopt.bench.sysinfo import environment
 
-    if args.distributed or args.precision or args.presets or args.dtypes or args.impls or args.quick:
+    others = [flag for flag, given in (
+        ("--distributed", args.distributed), ("--precision", args.precision), ("--presets", args.presets),
+        ("--dtypes", args.dtypes), ("--impls", args.impls), ("--quick", args.quick), ("--warmup", args.warmup),
+        ("--budget", args.budget), ("--rounds", args.rounds), ("--no-interleave", args.no_interleave),
+        ("--nproc", args.nproc)) if given is not None and given is not False]
+    if others:
         raise SystemExit("fusedopt-bench: --host-cost takes only --devices, --optimizers, --reps, --tensors, "
-                         "--seed, --out and --no-progress")
-    optimizers = _choose("optimizer for --host-cost", _split(args.optimizers) or list(host_cost.OPTIMIZERS),
-                         host_cost.OPTIMIZERS)
+                         f"--seed, --out and --no-progress (given: {', '.join(others)})")
+    optimizers = _choose("optimizer for --host-cost",
+                         _split(args.optimizers, "--optimizers") or list(host_cost.OPTIMIZERS), host_cost.OPTIMIZERS)
+    _check_out_dir(args.out)
     reps = 60 if args.reps is None else args.reps
     tensors = 10_000 if args.tensors is None else args.tensors
-    out = {"meta": environment(), "devices": []}
-    for device in _devices(_split(args.devices)):
+    out = {"meta": environment(), "config": {"tensors": tensors, "reps": reps, "seed": args.seed,
+                                             "optimizers": optimizers}, "devices": []}
+    for device in _devices(_split(args.devices, "--devices")):
         try:
             res = host_cost.measure(device, tensors=tensors, reps=reps, optimizers=optimizers, seed=args.seed)
         except ValueError as e:
@@ -171,20 +204,23 @@ def _main_host_cost(args) -> int:
 def _main_distributed(args) -> int:
     from fusedopt.bench import distributed
 
-    if args.precision or "mixed" in (_split(args.presets) or []):
+    if args.precision or "mixed" in (_split(args.presets, "--presets") or []):
         raise SystemExit("fusedopt-bench: --precision and the mixed preset are not available with --distributed")
-    presets = _choose("preset", _split(args.presets) or list(distributed.DEFAULT_PRESETS), PRESETS)
-    optimizers = _choose("optimizer", _split(args.optimizers) or list(distributed.DEFAULT_OPTIMIZERS), OPTIMIZERS)
-    impls = [i for i in _choose("impl", _split(args.impls) or list(DEFAULT_IMPLS), IMPLS) if not IMPLS[i].graph]
-    dtypes = [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])]
+    presets = _choose("preset", _split(args.presets, "--presets") or list(distributed.DEFAULT_PRESETS), PRESETS)
+    optimizers = _choose("optimizer", _split(args.optimizers, "--optimizers") or list(distributed.DEFAULT_OPTIMIZERS),
+                         OPTIMIZERS)
+    impls = [i for i in _choose("impl", _split(args.impls, "--impls") or list(DEFAULT_IMPLS), IMPLS)
+             if not IMPLS[i].graph]
+    dtypes = [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes, "--dtypes") or ["fp32"])]
     dtypes = _choose("dtype", dtypes, DTYPES)
-    devices = _split(args.devices) or [None]
+    devices = _split(args.devices, "--devices") or [None]
     if len(dtypes) != 1 or len(devices) != 1 or devices[0] not in (None, "cpu", "cuda"):
         raise SystemExit("fusedopt-bench: --distributed takes one --dtypes entry and one --devices entry (cpu or cuda)")
     if args.nproc < 1:
         raise SystemExit("fusedopt-bench: --nproc must be >= 1")
     if args.reps is not None and args.reps < 1:
         raise SystemExit("fusedopt-bench: --reps must be >= 1")
+    _check_out_dir(args.out)
     try:
         res = distributed.run(args.distributed, args.nproc, presets, optimizers, impls,
                               dtype=str(DTYPES[dtypes[0]]).removeprefix("torch."), device=devices[0],
@@ -199,38 +235,58 @@ def _main_distributed(args) -> int:
     return 0
 
 
+def _timing_defaults(args) -> None:
+    """Fill in --warmup, --budget, --rounds and --nproc where not given, and check them."""
+    if args.nproc is not None and not args.distributed:
+        raise SystemExit("fusedopt-bench: --nproc is an option of --distributed")
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.budget is None:
+        args.budget = 0.6
+    if args.rounds is None:
+        args.rounds = 3
+    if args.nproc is None:
+        args.nproc = 2
+    if args.warmup < 0:
+        raise SystemExit("fusedopt-bench: --warmup must be >= 0")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        raise SystemExit(f"fusedopt-bench: --budget must be a positive number of seconds, got {args.budget}")
+    if args.rounds < 1:
+        raise SystemExit("fusedopt-bench: --rounds must be >= 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.host_cost:
         return _main_host_cost(args)
     if args.tensors is not None:
         raise SystemExit("fusedopt-bench: --tensors is an option of --host-cost")
+    _timing_defaults(args)
     if args.distributed:
         return _main_distributed(args)
-    presets = _choose("preset", _split(args.presets) or list(DEFAULT_PRESETS), PRESETS)
-    dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes) or ["fp32"])], DTYPES)
-    optimizers = _choose("optimizer", _split(args.optimizers) or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)
+    presets = _choose("preset", _split(args.presets, "--presets") or list(DEFAULT_PRESETS), PRESETS)
+    dtypes = _choose("dtype", [_DTYPE_ALIASES.get(d, d) for d in (_split(args.dtypes, "--dtypes") or ["fp32"])],
+                     DTYPES)
+    optimizers = _choose("optimizer", _split(args.optimizers, "--optimizers") or list(DEFAULT_OPTIMIZERS), OPTIMIZERS)
     impls_explicit = args.impls is not None
-    impls = _choose("impl", _split(args.impls) or list(DEFAULT_IMPLS), all_impl_names())
-    precisions = _split(args.precision)
+    impls = _choose("impl", _split(args.impls, "--impls") or list(DEFAULT_IMPLS), all_impl_names())
+    precisions = _split(args.precision, "--precision")
     if precisions is not None:
         precisions = list(PRECISIONS) if "all" in precisions else _choose("precision option", precisions, PRECISIONS)
     if not any(i.startswith("fusedopt") for i in impls) and not precisions:
         print("fusedopt-bench: note: no fusedopt implementation selected, so no speedups", file=sys.stderr)
     if args.reps is not None and args.reps < 1:
         raise SystemExit("fusedopt-bench: --reps must be >= 1")
-    if args.warmup < 0:
-        raise SystemExit("fusedopt-bench: --warmup must be >= 0")
     cfg = BenchConfig(
-        presets=presets, devices=_devices(_split(args.devices)), dtypes=dtypes, optimizers=optimizers,
+        presets=presets, devices=_devices(_split(args.devices, "--devices")), dtypes=dtypes, optimizers=optimizers,
         impls=impls, impls_explicit=impls_explicit, dtypes_explicit=args.dtypes is not None,
         optimizers_explicit=args.optimizers is not None, precisions=precisions, reps=args.reps, warmup=args.warmup,
-        budget_s=args.budget, seed=args.seed, quick=args.quick, rounds=max(1, args.rounds),
+        budget_s=args.budget, seed=args.seed, quick=args.quick, rounds=args.rounds,
         interleave=False if args.no_interleave else None,
     )
     if args.quick:
-        cfg.warmup = min(cfg.warmup, 1)
         cfg.reps = cfg.reps or 3
+    _check_out_dir(args.out)
 
     from fusedopt.bench.optimizers import fusedopt_classes
     from fusedopt.bench.report import format_table, write_results
@@ -240,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusedopt-bench: WARNING: {reason}; fusedopt rows will be n/a", file=sys.stderr)
     elif desc.startswith("STAND-IN"):
         print(f"fusedopt-bench: WARNING: 'fusedopt' rows use a {desc}", file=sys.stderr)
-    busy = other_cpu_busy()
+    busy = other_cpu_busy_at_start()
     if "cpu" in cfg.devices and busy is not None and busy > BUSY_WARN:
         print(f"fusedopt-bench: WARNING: other processes are using {busy:.0%} of the CPU; "
               "CPU timings will be noisy", file=sys.stderr)

@@ -168,7 +168,7 @@ def _llama(device: torch.device, quick: bool) -> Preset:
 
 def _mixed(device: torch.device, quick: bool) -> Preset:
     g = _gpt2(device, quick)
-    return Preset("mixed", g.shapes, f"{g.note}; bf16 params, fusedopt precision options (mixed)")
+    return Preset("mixed", g.shapes, f"{g.note}; fusedopt precision options (mixed; bf16 params unless --dtypes says otherwise)")
 
 
 PRESETS: dict[str, Callable[[torch.device, bool], Preset]] = {

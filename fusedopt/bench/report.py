@@ -115,7 +115,7 @@ def _footer(res: dict) -> list[str]:
         lines.append(f"n/a: {why} [{shown}]")
     lines += res.get("notes", [])
     m = res["meta"]
-    lines.append(f"torch {m.get('torch')}, fusedopt {m.get('fusedopt')} ({m.get('fusedopt_impl')}), "
+    lines.append(f"torch {m.get('torch')}, {_fusedopt_text(m)}, "
                  f"{m.get('torch_num_threads')} CPU threads, commit {(m.get('git') or {}).get('commit') or 'n/a'}; "
                  f"wall time {m.get('wall_s', float('nan')):.0f} s")
     return lines
@@ -155,10 +155,18 @@ def format_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def _fusedopt_text(meta: dict, quote: str = "") -> str:
+    """"fusedopt <version>", and what the fusedopt rows really ran when that is something else (a
+    stand-in, an unavailable extension)."""
+    text = f"fusedopt {meta.get('fusedopt')}"
+    impl = meta.get("fusedopt_impl")
+    return text if impl == text else f"{text} ({quote}{impl}{quote})"
+
+
 def format_markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# fusedopt benchmark", ""]
-    lines.append(f"- torch {m.get('torch')}, fusedopt {m.get('fusedopt')} (`{m.get('fusedopt_impl')}`), "
+    lines.append(f"- torch {m.get('torch')}, {_fusedopt_text(m, '`')}, "
                  f"python {m.get('python')}, {m.get('torch_num_threads')} CPU threads")
     git = m.get("git") or {}
     lines.append(f"- git commit: `{git.get('commit') or 'n/a'}`{' (dirty)' if git.get('dirty') else ''}; "
@@ -194,6 +202,7 @@ def plot_results(res: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     panels = []
@@ -226,18 +235,19 @@ def plot_results(res: dict, path: str | Path) -> Path:
                     xs.append(x)
                     ys.append(r[key])
                     labels.append(f"{r[key]:.0f}" if key == "pct_of_stream" else _fmt_ms(r[key]))
-                bars = ax.bar(xs, ys, width * 0.92, color=colors[impl], label=impl if row == 0 and col == 0 else None)
+                bars = ax.bar(xs, ys, width * 0.92, color=colors[impl])
                 ax.bar_label(bars, labels=labels, fontsize=6, padding=1, rotation=90 if len(here) > 4 else 0)
             ax.set_xticks(range(len(opts)))
             ax.set_xticklabels(opts)
             ax.set_ylabel(ylabel)
             if key == "median_ms":
-                ax.set_yscale("log")
+                # a panel whose every row is n/a has no value to scale by: it keeps a linear axis
                 vals = [r["median_ms"] for r in recs if r["status"] == "ok"]
                 if vals:
+                    ax.set_yscale("log")
                     ax.set_ylim(min(vals) / 2.5, max(vals) * 4)
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-                ax.yaxis.set_minor_formatter(NullFormatter())
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+                    ax.yaxis.set_minor_formatter(NullFormatter())
             else:
                 ax.axhline(100, color="0.5", lw=0.8, ls="--")
                 top = max([r.get("pct_of_stream", 0) or 0 for r in recs] + [100])
@@ -252,7 +262,12 @@ def plot_results(res: dict, path: str | Path) -> Path:
     fig.supxlabel(f"fusedopt vs torch.optim - torch {m.get('torch')}, {m.get('fusedopt_impl')}; {bws}. "
                   "Bars: median ms/step (log scale) and effective GB/s as % of the streaming reference.",
                   fontsize=8, color="0.3")
-    fig.legend(loc="outside upper center", ncol=min(len(impls), 6), fontsize=8.5, frameon=False)
+    # one entry per implementation of the whole run, in its panels' colours (a panel alone may
+    # lack some, or have only n/a rows for them)
+    handles = [Patch(color=colors[i], label=i) for i in impls]
+    if handles:
+        fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 6), fontsize=8.5,
+                   frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -117,6 +117,16 @@ def _dtype_order(cfg: BenchConfig) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _has_row(cfg: BenchConfig, impl: str, device_type: str, opt: str) -> bool:
+    """Whether ``impl`` gets a row for ``opt`` on a device of ``device_type``. By default a CUDA
+    graph variant is left out on the CPU, and torch's rows of an optimizer torch.optim lacks
+    (Lion); named in --impls, they get an n/a row saying why."""
+    if cfg.impls_explicit:
+        return True
+    i = get_impl(impl)
+    return not (i.cuda_only and device_type != "cuda") and (OPTIMIZERS[opt].has_torch or i.is_fusedopt)
+
+
 def plan_cells(cfg: BenchConfig) -> list[tuple[str, str, str, str, str]]:
     """Every (device, dtype, preset, optimizer, impl) the run will visit, in order."""
     cells = []
@@ -128,11 +138,8 @@ def plan_cells(cfg: BenchConfig) -> list[tuple[str, str, str, str, str]]:
                     continue
                 for opt in opts:
                     for impl in impls:
-                        if get_impl(impl).cuda_only and not dev.startswith("cuda"):
-                            continue
-                        if not OPTIMIZERS[opt].has_torch and not get_impl(impl).is_fusedopt:
-                            continue
-                        cells.append((dev, dt, pre, opt, impl))
+                        if _has_row(cfg, impl, torch.device(dev).type, opt):
+                            cells.append((dev, dt, pre, opt, impl))
     return cells
 
 
@@ -292,8 +299,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                         make_err = f"cannot allocate preset: {type(e).__name__}: {str(e).splitlines()[0]}"
                     for opt_name in pre_opts:
                         opt = OPTIMIZERS[opt_name]
-                        impls = [i for i in pre_impls if not (get_impl(i).cuda_only and device.type != "cuda")
-                                 and (opt.has_torch or get_impl(i).is_fusedopt)]
+                        impls = [i for i in pre_impls if _has_row(cfg, i, device.type, opt_name)]
                         recs: dict[str, dict] = {}
                         todo = []
                         for name in impls:
@@ -312,7 +318,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                             rec = recs[name]
                             impl = get_impl(name)
                             try:
-                                bpe = opt.bytes_per_element(es, **impl.precision_kwargs)
+                                # precision options change only 16-bit params (elsewhere the row is n/a)
+                                bpe = opt.bytes_per_element(es, **(impl.precision_kwargs if es == 2 else {}))
                             except ValueError:  # e.g. remainders on fp16: the row is n/a anyway
                                 bpe = opt.bytes_per_element(es)
                             nbytes = preset.numel * bpe
@@ -350,7 +357,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         if any(r["status"] == "skipped" and r["preset"] == pre and r["impl"] == impl for r in out["results"]):
             out["notes"].append(f"{impl} on {pre} ({dtype_}): {why}")
     for opt_name in dict.fromkeys(r["optimizer"] for r in out["results"]):
-        if not OPTIMIZERS[opt_name].has_torch:
+        torch_rows = any(r["optimizer"] == opt_name and not get_impl(r["impl"]).is_fusedopt for r in out["results"])
+        if not OPTIMIZERS[opt_name].has_torch and not torch_rows:  # (named torch rows are n/a, saying so)
             out["notes"].append(f"{opt_name}: torch.optim has no {opt_name.capitalize()}, so fusedopt rows only "
                                 "(no speedups; its GB/s and % of stream BW are the measure)")
     if fusedopt_reason:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_name", "device_name", "git_commit", "environment"]
+__all__ = ["cpu_name", "device_name", "git_commit", "environment", "other_cpu_busy", "other_cpu_busy_at_start"]
 
 
 def cpu_name() -> str:
@@ -37,11 +37,17 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def git_commit() -> dict:
-    """{"commit": sha or None, "dirty": bool or None} for the checkout holding this package."""
-    root = Path(__file__).resolve().parents[2]
+def git_commit(root: Path | None = None) -> dict:
+    """{"commit": sha or None, "dirty": bool or None} for the fusedopt checkout holding this package
+    (``root``: the checkout's top directory); both None for an installed copy (inside someone
+    else's repository, say)."""
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root).resolve()
     out = {"commit": None, "dirty": None}
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return out
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode == 0:
             out["commit"] = sha.stdout.strip()
@@ -76,6 +82,17 @@ def other_cpu_busy(interval: float = 0.5) -> float | None:
     return max(0.0, (total - (i1 - i0)) / total) if total > 0 else None
 
 
+_BUSY_AT_START: list[float | None] = []
+
+
+def other_cpu_busy_at_start() -> float | None:
+    """other_cpu_busy() sampled once per process: the figure a run warns about is the one its
+    results record."""
+    if not _BUSY_AT_START:
+        _BUSY_AT_START.append(other_cpu_busy())
+    return _BUSY_AT_START[0]
+
+
 def environment() -> dict:
     try:
         import fusedopt
@@ -94,7 +111,7 @@ def environment() -> dict:
         "fusedopt_extension_available": ext,
         "git": git_commit(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "other_cpu_busy_at_start": other_cpu_busy(),
+        "other_cpu_busy_at_start": other_cpu_busy_at_start(),
         "cpu": cpu_name(),
         "cuda_devices": [device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],

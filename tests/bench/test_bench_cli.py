@@ -170,3 +170,126 @@ def test_split_counts():
     assert runner._split(7, 3) == [3, 2, 2]
     assert runner._split(2, 3) == [1, 1]
     assert runner._split(15, 1) == [15]
+
+
+def test_run_without_a_measured_row_still_writes_every_file(tmp_path, capsys):
+    # every row n/a (torch has no fused RMSprop), and a CUDA graph variant named on the CPU: the
+    # chart has panels without a value to put on a log scale; the variants named get n/a rows
+    rc = main(["--quick", "--devices", "cpu", "--presets", "huge", "--optimizers", "rmsprop", "lion", "--impls",
+               "torch-fused", "fusedopt-graph", "--reps", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    recs = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {(r["optimizer"], r["impl"]) for r in recs} == {
+        (o, i) for o in ("rmsprop", "lion") for i in ("torch-fused", "fusedopt-graph")}
+    assert all(r["status"] == "n/a" for r in recs)
+    reasons = {(r["optimizer"], r["impl"]): r["reason"] for r in recs}
+    assert "needs a CUDA device" in reasons["rmsprop", "fusedopt-graph"]
+    assert "no Lion" in reasons["lion", "torch-fused"]
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC
+    assert "n/a: fusedopt-graph needs a CUDA device" in capsys.readouterr().out
+
+
+def test_lion_leaves_torch_out_by_default_with_a_note():
+    cfg = runner.BenchConfig(presets=["huge"], devices=["cpu"], dtypes=["fp32"], optimizers=["lion"],
+                             impls=["fusedopt", "torch-fused"], reps=1, warmup=0, quick=True)
+    res = runner.run(cfg, progress=False)
+    assert [r["impl"] for r in res["results"]] == ["fusedopt"]
+    assert any("torch.optim has no Lion" in n for n in res["notes"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "cuda:abc"], "cuda:N takes a device index"),
+    (["--devices", "cuda:-1"], "cuda:N takes a device index"),
+    (["--budget", "nan"], "--budget must be a positive number"),
+    (["--budget", "inf"], "--budget must be a positive number"),
+    (["--budget", "0"], "--budget must be a positive number"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--nproc", "3"], "--nproc is an option of --distributed"),
+    (["--presets", ","], "--presets was given no values"),
+    (["--impls", ""], "--impls was given no values"),
+    (["--host-cost", "--warmup", "0"], "--no-progress (given: --warmup)"),
+    (["--host-cost", "--rounds", "2", "--no-interleave"], "(given: --rounds, --no-interleave)"),
+])
+def test_bad_flags_are_refused_before_anything_runs(argv, message, monkeypatch):
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", *argv] if "--host-cost" not in argv else argv)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("host_cost", [False, True])
+def test_unwritable_out_is_refused_before_the_run(tmp_path, monkeypatch, host_cost):
+    import fusedopt.bench.host_cost as host_cost_module
+
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(host_cost_module, "measure", lambda *a, **k: pytest.fail("the benchmark ran"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "sub"):
+        argv = ["--host-cost", "--devices", "cpu"] if host_cost else ["--quick", "--devices", "cpu"]
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(out)])
+        assert f"--out {out}: cannot write results there" in str(e.value)
+
+
+def test_quick_keeps_an_explicit_warmup(tmp_path):
+    rc = main(["--quick", "--devices", "cpu", "--presets", "huge", "--optimizers", "sgd", "--impls", "fusedopt",
+               "--warmup", "3", "--reps", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    (rec,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert rec["warmup"] == 3
+
+
+def test_legend_names_every_implementation_of_the_run(tmp_path, monkeypatch):
+    # the first panel (fp32) has the precision variants as n/a only; the legend still shows
+    # each in the colour of its bars in the bf16 panel
+    import matplotlib.figure
+
+    from fusedopt.bench.report import _impl_colors
+
+    seen = {}
+    real_legend = matplotlib.figure.Figure.legend
+
+    def legend(self, *args, **kwargs):
+        seen.update({h.get_label(): h.get_facecolor() for h in kwargs["handles"]})
+        return real_legend(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", legend)
+    rc = main(["--quick", "--devices", "cpu", "--presets", "huge", "--dtypes", "fp32", "bf16", "--optimizers",
+               "sgd", "--impls", "fusedopt", "torch-fused", "--precision", "master", "sr", "--reps", "1",
+               "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    impls = ["fusedopt", "fusedopt:master", "fusedopt:sr", "torch-fused"]
+    assert sorted(seen) == impls
+    from matplotlib.colors import to_rgba
+    for impl, color in _impl_colors(impls).items():
+        assert seen[impl] == to_rgba(color)
+
+
+def test_na_precision_rows_count_the_plain_bytes(tmp_path):
+    rc = main(["--quick", "--devices", "cpu", "--presets", "huge", "--dtypes", "fp64", "--optimizers", "adam",
+               "--impls", "fusedopt", "--precision", "fp32-state", "--reps", "1", "--no-progress",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    recs = {r["impl"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert recs["fusedopt:fp32-state"]["status"] == "n/a"
+    assert recs["fusedopt:fp32-state"]["bytes_per_element"] == recs["fusedopt"]["bytes_per_element"] == 7 * 8
+
+
+def test_git_commit_is_only_fusedopts_own(tmp_path):
+    import shutil
+
+    from fusedopt.bench.sysinfo import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+    # a copy of the package inside someone else's repository records no commit, not theirs
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "theirs"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    (tmp_path / "site").mkdir()
+    assert git_commit(tmp_path / "site") == {"commit": None, "dirty": None}
+    theirs = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path)["commit"] == theirs  # at a repository's top: its commit

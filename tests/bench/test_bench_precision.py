@@ -162,12 +162,16 @@ def test_variant_impls_and_plan():
     assert len(cells) == 2 * 8 + 2
     assert cells[0][:4] == ("cpu", "bf16", "mixed", "adam")  # dtypes in the order the presets bring them
     assert cells[-1] == ("cpu", "fp32", "huge", "adam", "torch-fused")
-    # explicit flags override the preset's own defaults; lion never gets torch rows
+    # explicit flags override the preset's own defaults; lion gets torch rows only where --impls
+    # names them (they are n/a: torch.optim has no Lion)
     cfg2 = BenchConfig(presets=["mixed"], devices=["cpu"], dtypes=["fp16"], optimizers=["lion"],
                        impls=["fusedopt", "torch-fused"], dtypes_explicit=True, optimizers_explicit=True,
                        impls_explicit=True, precisions=["master"])
     assert plan_cells(cfg2) == [("cpu", "fp16", "mixed", "lion", "fusedopt"),
-                                ("cpu", "fp16", "mixed", "lion", "fusedopt:master")]
+                                ("cpu", "fp16", "mixed", "lion", "fusedopt:master"),
+                                ("cpu", "fp16", "mixed", "lion", "torch-fused")]
+    cfg2.impls_explicit = False
+    assert [c[-1] for c in plan_cells(cfg2)] == ["fusedopt", "fusedopt:master"]
 
 
 def test_build_optimizer_applies_precision():
