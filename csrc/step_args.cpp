@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include <string>
 #include <utility>
@@ -111,6 +112,9 @@ void resolve_lrs(const char* op, StepArgs& out, at::TensorList lr_tensors) {
   out.lr_tensor.assign(static_cast<size_t>(out.num_groups), LrTensor{});
   for (int64_t g = 0; g < out.num_groups; ++g) {
     const double idx = out.at(g, index_col);
+    TORCH_CHECK(idx == -1.0 || (idx >= 0.0 && idx == static_cast<double>(static_cast<int64_t>(idx))), op,
+                ": group ", g, " has lr_index ", idx, "; it must be -1 (the lr column holds the lr) or "
+                "the index of a tensor in lr_tensors");
     if (idx < 0) continue;
     const auto k = static_cast<int64_t>(idx);
     TORCH_CHECK(k < static_cast<int64_t>(lr_tensors.size()), op, ": group ", g,
@@ -338,34 +342,105 @@ StepArgs collect_common(const char* op, RuleId rule, at::TensorList params, at::
   return out;
 }
 
-// With a grad scale every kernel writes each grad back unscaled, in place (as torch's fused
-// optimizers do). Two params whose grads share memory would each unscale it, concurrently: refused,
-// naming both. Grads are usually in ascending address order already (flat storage) or nearly so;
-// sorting is only needed to find the pair.
-void check_grads_apart(const char* op, const StepArgs& out) {
-  struct Span {
-    uintptr_t begin, end;
-    size_t i;
-  };
-  std::vector<Span> spans;
-  spans.reserve(out.tensors.size());
-  for (size_t i = 0; i < out.tensors.size(); ++i) {
-    const TensorSlot& s = out.tensors[i];
-    if (s.numel == 0 || s.grad == nullptr) continue;
-    const auto b = reinterpret_cast<uintptr_t>(s.grad);
-    spans.push_back({b, b + static_cast<uintptr_t>(s.numel * elem_size(s.dtype)), i});
+struct Range {
+  uintptr_t begin, end;
+  size_t i;
+};
+
+// Sorts ranges by address. Tensors allocated one after another are ascending but for a few jumps
+// (a few dozen among 10,000): their ascending runs are merged pairwise, in O(n log runs), where a
+// full sort of 10,000 cost half as much as the rest of an op's validation.
+void sort_by_begin(std::vector<Range>& r) {
+  const auto less = [](const Range& a, const Range& b) { return a.begin < b.begin; };
+  std::vector<size_t> runs{0};
+  for (size_t k = 1; k < r.size(); ++k) {
+    if (less(r[k], r[k - 1])) runs.push_back(k);
   }
-  const auto apart = [](const Span& a, const Span& b) { return a.end <= b.begin; };
+  if (runs.size() > 256) {
+    std::sort(r.begin(), r.end(), less);
+    return;
+  }
+  runs.push_back(r.size());  // runs[j] .. runs[j + 1]: run j
+  while (runs.size() > 2) {
+    std::vector<size_t> merged{0};
+    for (size_t j = 0; j + 2 < runs.size(); j += 2) {
+      const auto at = [&](size_t k) { return r.begin() + static_cast<std::ptrdiff_t>(runs[k]); };
+      std::inplace_merge(at(j), at(j + 1), at(j + 2), less);
+      merged.push_back(runs[j + 2]);
+    }
+    if (runs.size() % 2 == 0) merged.push_back(runs.back());  // an odd run out, kept for the next pass
+    runs = std::move(merged);
+  }
+}
+
+// The first two slots (by index) whose `span`s (begin, end byte addresses; empty: none) overlap,
+// if any. Spans are usually in ascending address order already (flat storage, or tensors
+// allocated in param order) or nearly so: one pass checks that, and sorting is only needed to
+// find the pair.
+template <typename SpanOf>
+std::optional<std::pair<size_t, size_t>> overlapping_slots(const StepArgs& out, const SpanOf& span) {
+  std::vector<Range> ranges;
+  ranges.reserve(out.tensors.size());
+  for (size_t i = 0; i < out.tensors.size(); ++i) {
+    const auto [b, e] = span(out.tensors[i]);
+    if (b != e) ranges.push_back({b, e, i});
+  }
+  const auto apart = [](const Range& a, const Range& b) { return a.end <= b.begin; };
   bool ordered = true;
-  for (size_t k = 1; k < spans.size() && ordered; ++k) ordered = apart(spans[k - 1], spans[k]);
-  if (ordered) return;
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  for (size_t k = 1; k < spans.size(); ++k) {
-    if (apart(spans[k - 1], spans[k])) continue;
-    const size_t i = std::min(spans[k - 1].i, spans[k].i), j = std::max(spans[k - 1].i, spans[k].i);
-    TORCH_CHECK(false, op, ": params[", i, "] and params[", j, "] have grads that share memory; "
-                "with a grad scale (GradScaler) the step unscales every grad in place, so a shared "
-                "grad would be unscaled twice: give each param a grad of its own (e.g. .clone())");
+  for (size_t k = 1; k < ranges.size() && ordered; ++k) ordered = apart(ranges[k - 1], ranges[k]);
+  if (ordered) return std::nullopt;
+  sort_by_begin(ranges);
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    if (!apart(ranges[k - 1], ranges[k])) {
+      return std::make_pair(std::min(ranges[k - 1].i, ranges[k].i), std::max(ranges[k - 1].i, ranges[k].i));
+    }
+  }
+  return std::nullopt;
+}
+
+using Span = std::pair<uintptr_t, uintptr_t>;
+Span bytes_of(const TensorSlot& s, const void* p, int64_t elem) {
+  const auto b = reinterpret_cast<uintptr_t>(p);
+  return {b, p == nullptr ? b : b + static_cast<uintptr_t>(s.numel * elem)};
+}
+
+// Every tensor a step writes is updated by one thread (or CUDA block) per chunk, all chunks at
+// once: two params (or their states, masters) sharing memory would be updated concurrently, a
+// race whose result depends on the timing. Refused, naming both (the optimizer classes refuse a
+// param listed twice before this). Run where the arguments are validated: a plan's later steps
+// keep these tensors (their storage is checked at every step).
+void check_written_apart(const char* op, const StepArgs& out) {
+  if (const auto pair = overlapping_slots(out, [](const TensorSlot& s) { return bytes_of(s, s.param, elem_size(s.dtype)); })) {
+    TORCH_CHECK(false, op, ": params[", pair->first, "] and params[", pair->second, "] share memory; "
+                "the step updates every param of a call at once, in parallel, so a param given twice "
+                "(or two overlapping views) would be updated concurrently: give each param once");
+  }
+  if (const auto pair = overlapping_slots(out, [](const TensorSlot& s) {
+        return bytes_of(s, s.master, s.master_kind == Master::full ? 4 : 2);
+      })) {
+    TORCH_CHECK(false, op, ": the masters of params[", pair->first, "] and params[", pair->second,
+                "] share memory; each param needs a master of its own");
+  }
+  const char* const* roles = visit_rule(out.rule, [](auto r) { return decltype(r)::kRoles; });
+  const int num_roles = visit_rule(out.rule, [](auto r) { return decltype(r)::kStates; });
+  for (int k = 0; k < num_roles; ++k) {
+    if (const auto pair = overlapping_slots(out, [&](const TensorSlot& s) {
+          return bytes_of(s, s.state[k], elem_size(s.state_dtype[k]));
+        })) {
+      TORCH_CHECK(false, op, ": the '", roles[k], "' states of params[", pair->first, "] and params[",
+                  pair->second, "] share memory; each param needs state tensors of its own");
+    }
+  }
+}
+
+// With a grad scale every kernel writes each grad back unscaled, in place (as torch's fused
+// optimizers do): a grad shared by two params would be unscaled twice, concurrently. Grads can
+// change at every step: checked at every step that unscales.
+void check_grads_apart(const char* op, const StepArgs& out) {
+  if (const auto pair = overlapping_slots(out, [](const TensorSlot& s) { return bytes_of(s, s.grad, elem_size(s.dtype)); })) {
+    TORCH_CHECK(false, op, ": params[", pair->first, "] and params[", pair->second, "] have grads that "
+                "share memory; with a grad scale (GradScaler) the step unscales every grad in place, so a "
+                "shared grad would be unscaled twice: give each param a grad of its own (e.g. .clone())");
   }
 }
 
@@ -453,6 +528,7 @@ StepArgs collect_adam_args(const char* op, at::TensorList params, at::TensorList
   TORCH_CHECK(next_max == max_exp_avg_sqs.size(), op, ": max_exp_avg_sqs has ",
               max_exp_avg_sqs.size(), " tensors but the amsgrad groups hold ", next_max, " params");
   finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf);
+  check_written_apart(op, out);
   return out;
 }
 
@@ -489,6 +565,7 @@ StepArgs collect_sgd_args(const char* op, at::TensorList params, at::TensorList 
     out.tensors[static_cast<size_t>(k)].fresh = true;
   }
   finish_common(op, out, lr_tensors, schedule_state, schedule, grad_scale, found_inf);
+  check_written_apart(op, out);
   return out;
 }
 
@@ -584,6 +661,7 @@ StepArgs collect_step_args(const char* op, const std::string& rule_name, at::Ten
               next_master, " params are 16-bit with master_mode ", master_mode);
   finish_step_args(op, out, fresh, lr_tensors, schedule_state, schedule, grad_scale, found_inf,
                    clip, seed);
+  check_written_apart(op, out);
   return out;
 }
 

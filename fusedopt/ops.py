@@ -24,29 +24,53 @@ if extension_available():
 
     # The ops only mutate their inputs in place and return nothing, so their fake (meta)
     # implementations have nothing to compute: they let torch.compile and FakeTensor trace
-    # optimizer.step().
+    # optimizer.step(). Registered for the Meta key too, they are also what a call reaches when
+    # any argument is a meta tensor: all on meta is a no-op (a model traced on the meta device),
+    # but meta mixed with real tensors is refused, as the kernels' own device checks would.
+    def _one_device(op: str, **args) -> None:
+        real = meta = None
+        for name, value in args.items():
+            for i, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+                if not isinstance(t, Tensor):
+                    continue
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                if t.device.type == "meta":
+                    meta = meta or where
+                else:
+                    real = real or (where, t.device)
+        if meta and real:
+            raise RuntimeError(f"fusedopt::{op}: {meta} is on meta but {real[0]} is on {real[1]}: "
+                               "every tensor of the call must be on the params' device")
+
     @torch.library.register_fake("fusedopt::adam_")
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                    group_sizes, hyper, lr_tensors, grad_scale=None, found_inf=None, *,
                    schedule_state, schedule=None) -> None:
-        return None
+        _one_device("adam_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps, lr_tensors=lr_tensors,
+                    grad_scale=grad_scale, found_inf=found_inf, schedule_state=schedule_state,
+                    schedule=schedule)
 
     @torch.library.register_fake("fusedopt::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, group_sizes, hyper, lr_tensors,
                   fresh_buffers, grad_scale=None, found_inf=None, *, schedule_state,
                   schedule=None) -> None:
-        return None
+        _one_device("sgd_", params=params, grads=grads, momentum_buffers=momentum_buffers,
+                    lr_tensors=lr_tensors, grad_scale=grad_scale, found_inf=found_inf,
+                    schedule_state=schedule_state, schedule=schedule)
 
     @torch.library.register_fake("fusedopt::step_")
     def _step_fake(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
                    lr_tensors, fresh, grad_scale=None, found_inf=None, *, schedule_state,
                    schedule=None, clip=None, master_mode=0, seed=-1) -> None:
-        return None
+        _one_device("step_", params=params, grads=grads, states=states, masters=masters,
+                    state_steps=state_steps, lr_tensors=lr_tensors, grad_scale=grad_scale,
+                    found_inf=found_inf, schedule_state=schedule_state, schedule=schedule, clip=clip)
 
     # grad_norm_ only writes its `out` argument in place.
     @torch.library.register_fake("fusedopt::grad_norm_")
     def _grad_norm_fake(grads, norm_type, max_norm, out, grad_scale=None) -> None:
-        return None
+        _one_device("grad_norm_", grads=grads, out=out, grad_scale=grad_scale)
 else:
     RULES = {}
     ADAM_COLUMNS = {}
@@ -60,6 +84,14 @@ def hyper_table(rows: Sequence[dict[str, float]], columns: dict[str, int]) -> Te
         for name, value in row.items():
             table[r][columns[name]] = float(value)
     return torch.tensor(table, dtype=torch.float64)
+
+
+def _check_lengths(fn: str, params: Sequence[Tensor], **lists: Sequence) -> None:
+    """Every per-param list has one entry per param (the op would only see the slices taken)."""
+    for name, values in lists.items():
+        if len(values) != len(params):
+            raise ValueError(f"fusedopt.ops.{fn}: {name} has length {len(values)} but params has length "
+                             f"{len(params)}; every list takes one entry per param")
 
 
 def _by_device(params: Sequence[Tensor]) -> dict[torch.device, list[int]]:
@@ -117,6 +149,8 @@ def adam(
     apply). ``state_steps`` are incremented in place; with ``found_inf`` nonzero nothing changes.
     """
     require()
+    _check_lengths("adam", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                   state_steps=state_steps, **(dict(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else {}))
     for dev, idx in _by_device(params).items():
         lr_tensors: list[Tensor] = []
         lr_value, lr_index = _lr_entry(lr, dev, lr_tensors)
@@ -147,9 +181,13 @@ def sgd(
     """Functional SGD over one param group, fused: one op call per device.
 
     Like ``torch.optim.sgd.sgd``: a ``None`` entry of ``momentum_buffer_list`` gets a new buffer
-    (initialised with the gradient, as torch does) written back into the list.
+    (initialised with the gradient, as torch does) written back into the list, once the step has
+    run: a call that raises, or that ``found_inf`` skips, leaves the entry ``None`` (learning that
+    a step creating buffers was skipped reads ``found_inf``: on CUDA, a sync).
     """
     require()
+    _check_lengths("sgd", params, grads=grads, **(dict(momentum_buffer_list=momentum_buffer_list)
+                                                  if momentum != 0 else {}))
     for dev, idx in _by_device(params).items():
         lr_tensors: list[Tensor] = []
         lr_value, lr_index = _lr_entry(lr, dev, lr_tensors)
@@ -160,11 +198,17 @@ def sgd(
         fresh: list[int] = []
         if momentum != 0:
             for k, i in enumerate(idx):
-                if momentum_buffer_list[i] is None:
-                    momentum_buffer_list[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+                buf = momentum_buffer_list[i]
+                if buf is None:
+                    buf = torch.zeros_like(params[i], memory_format=torch.preserve_format)
                     fresh.append(k)
-                bufs.append(momentum_buffer_list[i])
+                bufs.append(buf)
+        found_inf_here = on_device(found_inf, dev)
         torch.ops.fusedopt.sgd_(
             [params[i] for i in idx], [grads[i] for i in idx], bufs, [len(idx)],
             hyper_table([row], SGD_COLUMNS), lr_tensors, fresh, on_device(grad_scale, dev),
-            on_device(found_inf, dev), schedule_state=[])
+            found_inf_here, schedule_state=[])
+        # the new buffers join the list only when the step wrote them (a skipped step made none)
+        if fresh and not (found_inf_here is not None and found_inf_here.item() != 0):
+            for k in fresh:
+                momentum_buffer_list[idx[k]] = bufs[k]

@@ -512,3 +512,25 @@ def test_emulated_10000_tensors(emulated_cuda_module):
     expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
     assert_close_rel(total, expected, 4e-6)
     grads_close(params, ref, 4e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [1e-25, 1e-20, 3e-19])
+@pytest.mark.parametrize("n", [127, 128, 129, 1000, 70_000])
+def test_float32_squares_below_the_float_range_get_their_true_norm(device, value, n):
+    """Squares below about 1e-38 are subnormal (1e-20 squared: a few significant bits) or 0 in
+    float (1e-25): a float32 grad of such elements still gets its norm within an ulp of exact,
+    and a chunk of zeros a norm of exactly 0."""
+    g = torch.full((n,), value)
+    g[::3] *= -1.5
+    out = torch.empty(2, device=device)
+    torch.ops.fusedopt.grad_norm_([g.to(device)], 2.0, 1.0, out)
+    out = out.cpu()
+    exact = math.sqrt(math.fsum(float(x) ** 2 for x in g.double()))
+    ulp = float(torch.nextafter(out[0], torch.tensor(INF)) - out[0])
+    assert abs(float(out[0]) - exact) <= ulp, (float(out[0]), exact)
+    zeros = torch.zeros(n, device=device)
+    zeros[::5] = -0.0
+    out_z = torch.full((2,), -1.0, device=device)
+    torch.ops.fusedopt.grad_norm_([zeros], 2.0, 1.0, out_z)
+    assert float(out_z[0]) == 0.0

@@ -205,12 +205,14 @@ inline int64_t in_lockstep(int64_t begin, int64_t end, const F& block) {
 // adding 4 squares: a relative error of a few float32 ulps on a block, random in sign across
 // blocks) and the block sums are accumulated in float64, per share, combined in a fixed order.
 // Widening every element to double instead made this pass compute-bound (about 20% slower on
-// 2 cores).
-double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float inv_f) {
+// 2 cores). `bits` gets the OR of every element's bits (as squared), so the caller can tell a
+// chunk of zeros from one of squares that underflowed.
+double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float inv_f, uint32_t& bits) {
   constexpr int64_t kBlock = 128;
   const __m256 inv = _mm256_set1_ps(inv_f);
   __m256d lo[kStreams], hi[kStreams];
   for (int j = 0; j < kStreams; ++j) lo[j] = hi[j] = _mm256_setzero_pd();
+  __m256 any = _mm256_setzero_ps();
   const auto block = [&](int j, int64_t i) {
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t k = 0; k < kBlock; k += 32) {
@@ -228,6 +230,7 @@ double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float 
       f1 = _mm256_fmadd_ps(b, b, f1);
       f2 = _mm256_fmadd_ps(c, c, f2);
       f3 = _mm256_fmadd_ps(d, d, f3);
+      any = _mm256_or_ps(any, _mm256_or_ps(_mm256_or_ps(a, b), _mm256_or_ps(c, d)));
     }
     const __m256 f = _mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3));
     lo[j] = _mm256_add_pd(lo[j], _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
@@ -237,7 +240,12 @@ double sumsq_f32(const float* p, int64_t begin, int64_t end, bool scaled, float 
   for (; i + kBlock <= end; i += kBlock) block(0, i);  // the blocks left over, in share 0
   double head = 0.0;
   for (int j = 0; j < kStreams; ++j) head += hsum(_mm256_add_pd(lo[j], hi[j]));
-  return head + chunk_scalar(p, i, end, NormKind::two, 0.0, scaled, inv_f);
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_castps_si256(any));
+  for (const uint32_t lane : lanes) bits |= lane & 0x7fffffffu;  // (-0.0 squares to 0)
+  const double tail = chunk_scalar(p, i, end, NormKind::two, 0.0, scaled, inv_f);
+  if (tail != 0.0) bits |= 1u;
+  return head + tail;
 }
 #endif
 
@@ -247,11 +255,16 @@ double chunk_partial(const T* p, int64_t begin, int64_t end, NormKind kind, doub
 #if defined(FUSEDOPT_CPU_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     if (kind == NormKind::two) {
-      // A block's float sum overflows once elements pass about 1.6e18 (squares summing past
-      // FLT_MAX): such a chunk again with float64 squares, which gives the true norm (inf only
-      // from inf elements). Finite grads that large are rare; this costs a test per chunk.
-      const double r = sumsq_f32(p, begin, end, scaled, inv);
-      return std::isinf(r) ? chunk_vec16(p, begin, end, kind, scaled, inv) : r;
+      // The float squares and block sums hold in float as long as they stay normal and finite.
+      // Past about 1.6e18 a block's float sum overflows (squares summing past FLT_MAX); below
+      // about 1e-19 a square is subnormal (off by up to 2^-150) or 0. Such a chunk again with
+      // float64 squares gives the true norm (inf only from inf elements): when the float sum is
+      // inf, or so small that n squares' underflow errors could reach 2^-30 of it, unless every
+      // element is zero. Grads that large or that small are rare; this costs a test per chunk.
+      uint32_t bits = 0;
+      const double r = sumsq_f32(p, begin, end, scaled, inv, bits);
+      const bool underflow = bits != 0 && r < static_cast<double>(end - begin) * 0x1p-120;
+      return std::isinf(r) || underflow ? chunk_vec16(p, begin, end, kind, scaled, inv) : r;
     }
   }
   if (kind != NormKind::p) {

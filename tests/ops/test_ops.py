@@ -277,3 +277,106 @@ def test_compacted_list_errors_name_the_param_they_belong_to():
     with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs\[0\] has shape \[2\] but params\[1\] has shape \[3, 5\]"):
         torch.ops.fusedopt.adam_(params, grads, m, v, [torch.zeros(2)], steps, [1, 1], hyper, lrs,
                                  schedule_state=[])
+
+
+ADAM_KW = dict(amsgrad=False, beta1=0.9, beta2=0.99, lr=1e-2, weight_decay=0.0, eps=1e-8, maximize=False)
+SGD_KW = dict(weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.5, nesterov=False, maximize=False)
+
+
+def test_a_meta_tensor_among_real_ones_is_refused_not_skipped():
+    # the fake implementations are the ops' Meta kernels: a call with any meta tensor reaches them
+    import fusedopt.ops as fo
+
+    p, step = torch.randn(3), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+        fo.adam([p], [torch.empty(3, device="meta")], [torch.zeros(3)], [torch.zeros(3)], [], [step], **ADAM_KW)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is on meta but grads\[0\] is on cpu"):
+        torch.ops.fusedopt.grad_norm_([torch.randn(3), torch.empty(3, device="meta")], 2.0, 1.0, torch.empty(2))
+    # all on meta (a model traced on the meta device): nothing to do, no error
+    m = lambda: torch.empty(3, device="meta")  # noqa: E731
+    fo.adam([m()], [m()], [m()], [m()], [], [torch.empty((), device="meta")], **ADAM_KW)
+
+
+@pytest.mark.parametrize("how", ["skipped", "raised"])
+def test_functional_sgd_keeps_a_buffer_only_from_a_step_that_ran(how):
+    import fusedopt.ops as fo
+
+    bufs = [None]
+    if how == "skipped":
+        fo.sgd([torch.zeros(4)], [torch.ones(4)], bufs, found_inf=torch.tensor(1.0), **SGD_KW)
+    else:
+        with pytest.raises(RuntimeError, match="shape"):
+            fo.sgd([torch.zeros(4)], [torch.ones(5)], bufs, **SGD_KW)
+    assert bufs == [None]
+    p = torch.zeros(4)
+    fo.sgd([p], [torch.ones(4)], bufs, **SGD_KW)
+    ref_p, ref_bufs = torch.zeros(4), [None]
+    from torch.optim.sgd import sgd as torch_sgd
+
+    torch_sgd([ref_p], [torch.ones(4)], ref_bufs, foreach=False, **SGD_KW)
+    assert torch.equal(bufs[0], ref_bufs[0]) and torch.equal(p, ref_p)  # the first buffer is the grad
+
+
+def test_functional_lists_must_match_the_params():
+    import fusedopt.ops as fo
+
+    P = [torch.randn(4) for _ in range(3)]
+    Z = lambda k: [torch.zeros(4) for _ in range(k)]  # noqa: E731
+    steps = [torch.tensor(0.0) for _ in range(3)]
+    with pytest.raises(ValueError, match="ops.adam: grads has length 2 but params has length 3"):
+        fo.adam(P, Z(2), Z(3), Z(3), [], steps, **ADAM_KW)
+    with pytest.raises(ValueError, match="ops.adam: exp_avg_sqs has length 4"):
+        fo.adam(P, Z(3), Z(3), Z(4), [], steps, **ADAM_KW)
+    with pytest.raises(ValueError, match="ops.adam: max_exp_avg_sqs has length 0"):
+        fo.adam(P, Z(3), Z(3), Z(3), [], steps, **dict(ADAM_KW, amsgrad=True))
+    with pytest.raises(ValueError, match="ops.sgd: momentum_buffer_list has length 2"):
+        fo.sgd(P, Z(3), [None, None], **SGD_KW)
+    fo.sgd(P, Z(3), [], **dict(SGD_KW, momentum=0.0))  # no buffers without momentum, as torch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_a_step_writes_must_not_share_memory(device):
+    """Every chunk of a call is updated at once: a param given twice (or overlapping views, or
+    shared states) would race. Refused, naming both, before anything is written."""
+    x = torch.randn(1 << 15, device=device)
+    x0 = x.clone()
+    args = adam_args(device, shapes=((1 << 15,), (1 << 15,)))
+    params, grads, exp_avgs, exp_avg_sqs = args[0], args[1], args[2], args[3]
+    with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] share memory"):
+        torch.ops.fusedopt.adam_([x, x], *args[1:], schedule_state=[])
+    with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] share memory"):
+        torch.ops.fusedopt.adam_([x[:20000], x[10000:30000]], [g[:20000] for g in grads], [e[:20000] for e in exp_avgs],
+                                 [e[:20000] for e in exp_avg_sqs], *args[4:], schedule_state=[])
+    with pytest.raises(RuntimeError, match=r"the 'exp_avg_sq' states of params\[0\] and params\[1\] share memory"):
+        torch.ops.fusedopt.adam_(params, grads, exp_avgs, [exp_avg_sqs[0], exp_avg_sqs[0]], *args[4:],
+                                 schedule_state=[])
+    assert torch.equal(x, x0)
+    assert all(float(s) == 0 for s in args[5])
+    # grads may be shared when nothing writes them (no grad scale)
+    torch.ops.fusedopt.adam_(params, [grads[0], grads[0]], exp_avgs, exp_avg_sqs, *args[4:], schedule_state=[])
+
+
+def test_lr_index_must_name_an_lr_tensor_or_the_column():
+    args = list(adam_args("cpu"))
+    for bad in (-2.0, 0.5):
+        args[7] = hyper_table([adam_row(lr_index=bad)], ADAM_COLUMNS)
+        with pytest.raises(RuntimeError, match=f"group 0 has lr_index {bad:g}; it must be -1"):
+            torch.ops.fusedopt.adam_(*args[:8], [torch.tensor(0.1)], *args[9:], schedule_state=[])
+
+
+@pytest.mark.parametrize("runs", [1, 3, 40, 300])
+def test_overlap_is_found_among_params_in_any_address_order(runs):
+    # views of one buffer, listed as `runs` ascending runs (a few jumps, as allocations give, up
+    # to many, as a shuffle gives); apart they step, one view overlapping another is refused
+    buf = torch.zeros(600 * 8)
+    order = [k for r in range(runs) for k in range(r, 600, runs)][::-1 if runs == 300 else 1]
+    views = [buf[8 * k: 8 * k + 8] for k in order]
+    hyper = hyper_table([sgd_row(momentum=0.0)], SGD_COLUMNS)
+    grads = [torch.ones(8) for _ in views]
+    torch.ops.fusedopt.sgd_(views, grads, [], [len(views)], hyper, [], [], None, None, schedule_state=[])
+    assert torch.equal(buf, torch.full_like(buf, -1e-2))
+    clash = buf[8 * order[77] + 3: 8 * order[77] + 11]  # straddles two views
+    with pytest.raises(RuntimeError, match=r"params\[\d+\] and params\[600\] share memory"):
+        torch.ops.fusedopt.sgd_(views + [clash], grads + [torch.ones(8)], [], [len(views) + 1], hyper, [], [],
+                                None, None, schedule_state=[])
+    assert torch.equal(buf, torch.full_like(buf, -1e-2))
