@@ -1,5 +1,6 @@
 // The op schemas, declared once; each backend registers its kernels with
 // TORCH_LIBRARY_IMPL(fusedopt, CPU|CUDA, m) and the dispatcher routes by device.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 namespace fusedopt {
@@ -43,6 +44,14 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor[] lr_tensors, int[] fresh, Tensor? grad_scale=None, Tensor? found_inf=None, *, "
       "Tensor(f!)[] schedule_state, Tensor? schedule=None, Tensor? clip=None, int master_mode=0, "
       "int seed=-1) -> ()");
+  // step_ without a grad scale, whose grads are then only read, with a schema that says so:
+  // torch.compile's inductor fails on a mutable list of inputs that alias each other, which the
+  // grads of flat storage (fusedopt.flatten_) or of DDP's gradient_as_bucket_view are. Runs step_.
+  m.def(
+      "step_.keep_grads(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] states, "
+      "Tensor(d!)[] masters, Tensor(e!)[] state_steps, int[] group_sizes, Tensor hyper, "
+      "Tensor[] lr_tensors, int[] fresh, Tensor? found_inf=None, *, Tensor(f!)[] schedule_state, "
+      "Tensor? schedule=None, Tensor? clip=None, int master_mode=0, int seed=-1) -> ()");
   // The total norm of all grads (one device, any mix of float32/64, float16, bfloat16), in one
   // fused reduction: out (float32, or float64, 2 elements, on that device) receives the norm of
   // order norm_type (a positive number or inf) and the clip coefficient torch's clip_grad_norm_
@@ -52,6 +61,34 @@ TORCH_LIBRARY(fusedopt, m) {
   m.def(
       "grad_norm_(Tensor[] grads, float norm_type, float max_norm, Tensor(a!) out, "
       "Tensor? grad_scale=None) -> ()");
+}
+
+namespace {
+
+using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     at::TensorList, c10::IntArrayRef, const at::Tensor&, at::TensorList,
+                     c10::IntArrayRef, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, at::TensorList,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                     int64_t);
+
+// One kernel for every device: step_ itself, through the dispatcher (to the params' backend).
+void step_keep_grads(c10::string_view rule, at::TensorList params, at::TensorList grads,
+                     at::TensorList states, at::TensorList masters, at::TensorList state_steps,
+                     c10::IntArrayRef group_sizes, const at::Tensor& hyper, at::TensorList lr_tensors,
+                     c10::IntArrayRef fresh, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList schedule_state, const std::optional<at::Tensor>& schedule,
+                     const std::optional<at::Tensor>& clip, int64_t master_mode, int64_t seed) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedopt::step_", "").typed<StepSig>();
+  op.call(rule, params, grads, states, masters, state_steps, group_sizes, hyper, lr_tensors, fresh,
+          /*grad_scale=*/std::nullopt, found_inf, schedule_state, schedule, clip, master_mode, seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CompositeExplicitAutograd, m) {
+  m.impl("step_.keep_grads", &step_keep_grads);
 }
 
 }  // namespace fusedopt

@@ -1,4 +1,4 @@
-"""fusedopt: drop-in torch.optim SGD / Adam / AdamW whose whole step is one fused kernel call per device.
+"""fusedopt: drop-in torch.optim SGD / Adam / AdamW / RMSprop / Adagrad (and Lion) whose whole step is one fused kernel call per device.
 
 Importing fusedopt never crashes for lack of the compiled extension: it warns and says how to build it.
 The optimizers raise the same explanation when they are used without it.

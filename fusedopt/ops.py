@@ -67,6 +67,14 @@ if extension_available():
                     state_steps=state_steps, lr_tensors=lr_tensors, grad_scale=grad_scale,
                     found_inf=found_inf, schedule_state=schedule_state, schedule=schedule, clip=clip)
 
+    @torch.library.register_fake("fusedopt::step_.keep_grads")
+    def _step_keep_grads_fake(rule, params, grads, states, masters, state_steps, group_sizes, hyper,
+                              lr_tensors, fresh, found_inf=None, *, schedule_state, schedule=None,
+                              clip=None, master_mode=0, seed=-1) -> None:
+        _one_device("step_", params=params, grads=grads, states=states, masters=masters,
+                    state_steps=state_steps, lr_tensors=lr_tensors, found_inf=found_inf,
+                    schedule_state=schedule_state, schedule=schedule, clip=clip)
+
     # grad_norm_ only writes its `out` argument in place.
     @torch.library.register_fake("fusedopt::grad_norm_")
     def _grad_norm_fake(grads, norm_type, max_norm, out, grad_scale=None) -> None:
@@ -146,7 +154,9 @@ def adam(
     """Functional Adam/AdamW over one param group, fused: one op call per device.
 
     Same arguments as ``torch.optim.adam.adam`` (without foreach/fused/capturable, which do not
-    apply). ``state_steps`` are incremented in place; with ``found_inf`` nonzero nothing changes.
+    apply), for real params only: complex ones are refused (the optimizer classes step them, as
+    real views). ``state_steps`` are incremented in place; with ``found_inf`` nonzero nothing
+    changes.
     """
     require()
     _check_lengths("adam", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,

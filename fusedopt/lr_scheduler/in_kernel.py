@@ -51,7 +51,7 @@ class InKernelSchedule:
         optimizer = scheduler.optimizer
         if not hasattr(optimizer, "_attach_kernel_schedule"):
             raise TypeError(
-                f"in_kernel needs a fusedopt optimizer (fusedopt.SGD / Adam / AdamW), got "
+                f"in_kernel needs a fusedopt optimizer (fusedopt.SGD, Adam, AdamW, RMSprop, Adagrad or Lion), got "
                 f"{type(optimizer).__module__}.{type(optimizer).__name__}; a torch.optim optimizer "
                 "keeps its schedule on the host"
             )

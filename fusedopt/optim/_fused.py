@@ -772,10 +772,14 @@ class FusedStepMixin:
         except KeyError:
             return False
         cidx = batch.complex_idx
-        torch.ops.fusedopt.step_(
-            self._rule, real_views(batch.params, cidx), real_views(grads, cidx), states, masters, steps,
-            batch.group_sizes, hyper, lr_tensors, fresh, grad_scale, found_inf, clip=clip,
-            master_mode=mode, seed=seed, **sched)
+        args = (self._rule, real_views(batch.params, cidx), real_views(grads, cidx), states, masters, steps,
+                batch.group_sizes, hyper, lr_tensors, fresh)
+        if grad_scale is None:  # the grads are only read: the overload whose schema says so
+            torch.ops.fusedopt.step_.keep_grads(*args, found_inf, clip=clip, master_mode=mode, seed=seed,
+                                                **sched)
+        else:
+            torch.ops.fusedopt.step_(*args, grad_scale, found_inf, clip=clip, master_mode=mode, seed=seed,
+                                     **sched)
         return True
 
     # -- step --------------------------------------------------------------------------------

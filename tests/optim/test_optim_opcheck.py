@@ -82,6 +82,11 @@ def test_opcheck(scenario, device):
     for t, calls in enumerate(per_step):
         for func, args, kwargs in calls:
             torch.library.opcheck(func, args, kwargs)
+            grad_scale = args[10] if len(args) > 10 else kwargs.get("grad_scale")
+            if func._schema.name == "fusedopt::step_" and grad_scale is None:
+                # the overload a compiled step without a grad scale calls (grads only read)
+                kw = {k: v for k, v in kwargs.items() if k != "grad_scale"}
+                torch.library.opcheck(torch.ops.fusedopt.step_.keep_grads, tuple(args[:10]) + tuple(args[11:]), kw)
 
 
 def test_ops_registered_with_expected_schemas():
@@ -92,12 +97,15 @@ def test_ops_registered_with_expected_schemas():
         ("adam_", {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"}),
         ("sgd_", {"params", "momentum_buffers"}),
         ("step_", {"params", "states", "masters", "state_steps"}),
+        ("step_.keep_grads", {"params", "states", "masters", "state_steps"}),
     ):
-        assert hasattr(torch.ops.fusedopt, op), f"torch.ops.fusedopt.{op} is not registered"
-        schema = getattr(torch.ops.fusedopt, op).default._schema
+        name, _, overload = op.partition(".")
+        assert hasattr(torch.ops.fusedopt, name), f"torch.ops.fusedopt.{name} is not registered"
+        schema = getattr(getattr(torch.ops.fusedopt, name), overload or "default")._schema
         assert len(schema.returns) == 0, f"{op} should return nothing (in-place op): {schema}"
         written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert mutated <= written, f"{op}: arguments mutated but not annotated as written: {mutated - written} ({schema})"
+        assert ("grads" in written) == (op != "step_.keep_grads"), schema
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
