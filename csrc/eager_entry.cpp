@@ -49,13 +49,6 @@ struct BelowAutograd {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset_with_ADInplaceOrView};
 };
 
-using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                     at::TensorList, c10::IntArrayRef, const at::Tensor&, at::TensorList,
-                     c10::IntArrayRef, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, at::TensorList,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                     int64_t);
-
 // The tensors of a Python list, as owning references (the step holds them for one call).
 std::vector<at::Tensor> tensor_list(py::handle list, const char* what) {
   PyObject* o = list.ptr();

@@ -3,6 +3,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "step_args.h"  // StepSig
+
 namespace fusedopt {
 
 TORCH_LIBRARY(fusedopt, m) {
@@ -64,13 +66,6 @@ TORCH_LIBRARY(fusedopt, m) {
 }
 
 namespace {
-
-using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                     at::TensorList, c10::IntArrayRef, const at::Tensor&, at::TensorList,
-                     c10::IntArrayRef, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, at::TensorList,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                     int64_t);
 
 // One kernel for every device: step_ itself, through the dispatcher (to the params' backend).
 void step_keep_grads(c10::string_view rule, at::TensorList params, at::TensorList grads,

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
@@ -23,6 +24,14 @@ struct StepArgs : StepTable {
   std::optional<at::Tensor> grad_scale, found_inf;
   // (the clip, fusedopt::grad_norm_'s output, is the table's clip_data: the caller holds it)
 };
+
+// The C++ signature of fusedopt::step_ (csrc/ops.cpp), for typed calls through the dispatcher.
+using StepSig = void(c10::string_view, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                     at::TensorList, c10::IntArrayRef, const at::Tensor&, at::TensorList,
+                     c10::IntArrayRef, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, at::TensorList,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                     int64_t);
 
 // fusedopt::step_: any rule (update_rules.h), states given tensor by tensor in role order.
 StepArgs collect_step_args(const char* op, const std::string& rule, at::TensorList params,
