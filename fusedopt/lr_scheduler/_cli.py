@@ -172,5 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (ArithmeticError, LookupError) as e:
+        # what a scheduler raises for arguments it takes but cannot run with (torch's
+        # StepLR(step_size=0) divides by zero, a last_epoch without initial_lr is a KeyError)
+        print(f"{parser.prog} {args.command}: error: a schedule cannot run with these arguments "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0

@@ -73,7 +73,17 @@ class InKernelSchedule:
             group["lr"] = torch.tensor(evaluate_phases(group_phases, start), dtype=torch.float64,
                                        device=self.device)
             self._lrs.append(group["lr"])
+        self._paused: set[int] = set()  # groups whose last step ran with an lr of 0 set by hand
+        # An optimizer state_dict loaded before this schedule's own state was: the next step must
+        # not run until the schedule's is loaded too (its lrs alone do not say where it was).
+        self._schedule_loaded = False
+        self._awaiting_schedule_state = False
+        optimizer.register_load_state_dict_post_hook(self._optimizer_loaded)
         optimizer._attach_kernel_schedule(self)
+
+    def _optimizer_loaded(self, optimizer) -> None:
+        if not self._schedule_loaded:
+            self._awaiting_schedule_state = True
 
     def _read_phases(self) -> None:
         """The schedule's phases (from its base lrs and settings) as the kernel's table."""
@@ -101,14 +111,26 @@ class InKernelSchedule:
                 f"fusedopt.lr_scheduler.in_kernel: the optimizer has {len(groups)} param groups but its "
                 f"in-kernel schedule was made for {len(self._lrs)}; make the schedule (and call "
                 "in_kernel) after add_param_group")
+        if self._awaiting_schedule_state:
+            raise ValueError(
+                "fusedopt.lr_scheduler.in_kernel: the optimizer's state_dict was loaded but not the "
+                f"in-kernel schedule's ({type(self.scheduler).__name__}): the schedule would restart from "
+                "its first step. Load the schedule's state_dict too (either order), or keep the schedule "
+                "on the host")
         lrs, rows = [], []
         for i, group in enumerate(groups):
             lr = group["lr"]
             if lr is not self._lrs[i]:
-                if float(lr) == 0.0 and evaluate_phases(self.phases[i], self.last_epoch) != 0.0:
+                if float(lr) == 0.0:
+                    # a pause (or torch.distributed.checkpoint's zero-lr step), whatever the
+                    # schedule's own lr: the tracked tensor is kept for when it is put back
+                    self._paused.add(i)
                     rows.append((0, 0))  # read from the group, as without a schedule
                     continue
                 self._adopt_lr(i, group)
+            elif i in self._paused:  # put back after a pause: the lr it holds is from before it
+                lr.fill_(evaluate_phases(self.phases[i], self.last_epoch))
+            self._paused.discard(i)
             lrs.append(self._lrs[i])
             rows.append(self.group_rows[i])
         if not lrs:
@@ -157,13 +179,24 @@ class InKernelSchedule:
         return int(self._counter.item())
 
     def get_last_lr(self) -> list[float]:
-        """The lr each group will use at the next step (reading it synchronizes)."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+        """The lr each group will use at the next step (reading it synchronizes). A group's lr
+        tensor put back after a pause still holds the lr from before it until that step runs;
+        this gives the schedule's."""
+        out = []
+        for i, g in enumerate(self.optimizer.param_groups):
+            if i in self._paused and i < len(self._lrs) and g["lr"] is self._lrs[i]:
+                out.append(evaluate_phases(self.phases[i], self.last_epoch))
+            else:
+                out.append(float(g["lr"]))
+        return out
 
     def state_dict(self) -> dict:
         return {"last_epoch": self.last_epoch, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._schedule_loaded = True
+        self._awaiting_schedule_state = False
+        self._paused.clear()
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self._read_phases()  # from the loaded base lrs, which may differ from this run's first lrs
         t = int(state_dict["last_epoch"])

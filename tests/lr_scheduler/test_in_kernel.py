@@ -185,20 +185,99 @@ def test_an_lr_set_by_hand_is_refused_not_ignored(device):
     assert sched.last_epoch == 4
 
 
-def test_resuming_the_optimizer_without_its_schedule_is_refused():
-    """An optimizer state_dict carries the lr of its schedule's step; loaded into a run whose
-    in-kernel schedule is still at step 0, the next step raises (before, the schedule silently
-    started over). Loading the schedule's state too is the way (test above)."""
+@pytest.mark.parametrize("steps", [3, 12], ids=["lr-still-lr(0)", "decayed"])
+def test_resuming_the_optimizer_without_its_schedule_is_refused(steps):
+    """An optimizer state_dict loaded into a run whose in-kernel schedule was not loaded: the
+    next step raises before anything moves (the schedule would silently start over), also when
+    the saved lr happens to equal the schedule's first (StepLR before its first decay). Loading
+    the schedule's state too, in either order, is the way."""
     a, b = _pair("sgd")
-    in_kernel(tls.StepLR(a, step_size=5, gamma=0.5))
-    for step in range(12):
+    sa = in_kernel(tls.StepLR(a, step_size=5, gamma=0.5))
+    for step in range(steps):
         _grads((a, b), step)
         a.step()
-    in_kernel(tls.StepLR(b, step_size=5, gamma=0.5))
+    sb = in_kernel(tls.StepLR(b, step_size=5, gamma=0.5))
     b.load_state_dict(copy.deepcopy(a.state_dict()))
-    _grads((a, b), 12)
-    with pytest.raises(ValueError, match="load the schedule's state_dict as well"):
+    _grads((a, b), steps)
+    before = [p.detach().clone() for g in b.param_groups for p in g["params"]]
+    with pytest.raises(ValueError, match="Load the schedule's state_dict too"):
         b.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in b.param_groups for p in g["params"]]))
+    sb.load_state_dict(sa.state_dict())
+    for opt in (a, b):
+        opt.step()
+    assert sb.last_epoch == sa.last_epoch == steps + 1 and sb.get_last_lr() == sa.get_last_lr()
+    # the other order: the schedule's state first, then the optimizer's
+    c, _ = _pair("sgd")
+    sc = in_kernel(tls.StepLR(c, step_size=5, gamma=0.5))
+    sc.load_state_dict(sa.state_dict())
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    _grads((a, c), steps + 1)
+    a.step()
+    c.step()
+    assert sc.last_epoch == sa.last_epoch and sc.get_last_lr() == sa.get_last_lr()
+
+
+def test_get_state_dict_before_a_warmup_from_zero_keeps_the_schedule():
+    """torch.distributed.checkpoint's get_state_dict before the first step (its zero-lr step
+    on zero grads) with a schedule whose own first lr is 0 too: the step does not count, and the
+    schedule goes on from its first step (before, the group stayed at lr 0 for good)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from fusedopt.lr_scheduler import LinearWarmup
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    ref = torch.nn.Linear(4, 1)
+    ref.load_state_dict(model.state_dict())
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    sched = in_kernel(WarmupCosine(opt, warmup_steps=10, total_steps=100))
+    ref_sched = WarmupCosine(ref_opt, warmup_steps=10, total_steps=100)
+    get_state_dict(model, opt)
+    get_state_dict(ref, ref_opt)  # (its zero-lr step counts in Adam's step counters, as in torch)
+    assert sched.last_epoch == 0
+    for _ in range(20):
+        x = torch.randn(8, 4)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+        ref_sched.step()
+    assert sched.last_epoch == 20
+    assert sched.get_last_lr() == pytest.approx(ref_sched.get_last_lr(), rel=1e-12)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    # a group whose lr at step 0 is 0 and another's is not, in one optimizer
+    a, _ = _pair("sgd")
+    sa = in_kernel(LinearWarmup(a, 4, [0.0, 0.01], [0.1, 0.1]))
+    saved = [g["lr"] for g in a.param_groups]
+    for g in a.param_groups:
+        g["lr"] = torch.tensor(0.0)
+    _grads((a, a), 0)
+    a.step()
+    for g, lr in zip(a.param_groups, saved):
+        g["lr"] = lr
+    for step in range(8):
+        _grads((a, a), step + 1)
+        a.step()
+    assert sa.last_epoch == 8
+    assert all(float(g["lr"]) > 0.05 for g in a.param_groups)
+
+
+def test_get_last_lr_after_a_pause_is_the_schedules():
+    a, _ = _pair("sgd", lrs=(0.1, 0.2))
+    sched = in_kernel(tls.ExponentialLR(a, gamma=0.5))
+    tracked = a.param_groups[1]["lr"]
+    a.param_groups[1]["lr"] = 0.0
+    for step in range(2):
+        _grads((a, a), step)
+        a.step()
+    a.param_groups[1]["lr"] = tracked  # put back: it still holds the lr from before the pause
+    assert sched.get_last_lr() == pytest.approx([0.1 * 0.5**2, 0.2 * 0.5**2], rel=1e-12)
+    _grads((a, a), 2)
+    a.step()
+    assert sched.get_last_lr() == pytest.approx([0.1 * 0.5**3, 0.2 * 0.5**3], rel=1e-12)
 
 
 def test_a_group_added_after_in_kernel_is_refused():

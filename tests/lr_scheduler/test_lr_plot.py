@@ -144,3 +144,15 @@ def test_cli_subprocess_writes_png(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert_valid_png(out)
+
+
+@pytest.mark.parametrize("spec", ["StepLR(step_size=0)", "CosineAnnealingLR(T_max=0)",
+                                  "CyclicLR(base_lr=0.01, max_lr=0.1, step_size_up=0)",
+                                  "StepLR(step_size=3, last_epoch=5)"])
+def test_cli_schedule_that_cannot_run_is_an_error_not_a_traceback(tmp_path, capsys, spec):
+    # torch's schedulers take these arguments and then divide by zero, or miss initial_lr
+    rc = main(["plot", "--schedule", spec, "--steps", "10", "--out", str(tmp_path / "x.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: a schedule cannot run with these arguments" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
