@@ -282,6 +282,9 @@ class FusedStepMixin:
         self._plan: _Plan | None = None
         self._step_supports_amp_scaling = True
         self._kernel_schedule = None
+        # tracked from the start: code that keeps a reference to optimizer.state (a wrapper
+        # copying the optimizer's __dict__) sees the state the steps make, as with torch
+        self.state = _TrackedState(self.state)
 
     def _check_precision_params(self, group: dict) -> None:
         if not self._precision["master_remainders"]:
@@ -347,30 +350,53 @@ class FusedStepMixin:
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim casts every state tensor to its param's dtype: a float32 master would be
         # rounded to the param's 16 bits, an int16 remainder turned into garbage, and moments kept
-        # in a wider state_dtype rounded twice. Those entries are kept as saved instead.
+        # in a wider state_dtype rounded twice. Those entries are kept as saved instead: read from
+        # the dict torch loads (after the user's load pre hooks, by a hook appended for this call)
+        # and put back before the user's post hooks run (a hook prepended).
         keep = []
         roles = set(RULES[self._rule]["roles"]) if self._precision["state_dtype"] is not None else set()
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, params))
-        for pid, st in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is None or not isinstance(st, dict):
-                continue
-            for key, value in st.items():
-                if isinstance(value, Tensor) and (key in _MASTER_KEYS.values() or key in roles):
-                    keep.append((p, key, value))
-        super().load_state_dict(state_dict)
-        for p, key, value in keep:
-            if key in roles and p.is_floating_point():
-                value = value.to(dtype=self._precision["state_dtype"])
-            self.state[p][key] = value.to(device=p.device)
+
+        def record(optimizer, sd):
+            saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            id_map = dict(zip(saved_ids, params))
+            for pid, st in sd["state"].items():
+                p = id_map.get(pid)
+                if p is None or not isinstance(st, dict):
+                    continue
+                for key, value in st.items():
+                    if isinstance(value, Tensor) and (key in _MASTER_KEYS.values() or key in roles):
+                        keep.append((p, key, value))
+
+        def restore(optimizer):
+            for p, key, value in keep:
+                if key in roles and p.is_floating_point():
+                    value = value.to(dtype=self._precision["state_dtype"])
+                self.state[p][key] = value.to(device=p.device)
+
+        handles = (self.register_load_state_dict_pre_hook(record),
+                   self.register_load_state_dict_post_hook(restore, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for h in handles:
+                h.remove()
 
     def state_dict(self) -> dict:
-        # the state dicts as plain dicts: what torch.save(..., weights_only) and torch.load expect
-        sd = super().state_dict()
-        sd["state"] = {k: _plain(v) for k, v in sd["state"].items()}
-        return sd
+        # the state dicts as plain dicts: what torch.save(..., weights_only) and torch.load expect;
+        # made before the user's state_dict post hooks run (which may return a dict of their own)
+        def plain(optimizer, sd):
+            sd["state"] = {k: self._saved_param_state(v) for k, v in sd["state"].items()}
+
+        handle = self.register_state_dict_post_hook(plain, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    def _saved_param_state(self, state: dict) -> dict:
+        """A param's state as saved (state_dict, pickle, deepcopy): a plain dict."""
+        return _plain(state)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -411,6 +437,8 @@ class FusedStepMixin:
         # __getstate__); the plan and the schedule hookup are rebuilt or re-attached.
         # load_state_dict goes through here too: keep an attached schedule on the same object.
         super().__setstate__(state)
+        if type(self.state) is not _TrackedState:
+            self.state = _TrackedState(self.state)
         self._plan = None
         self._kernel_schedule = getattr(self, "_kernel_schedule", None)
         self._precision = getattr(self, "_precision", None) or dict(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,23 @@ class SGD(FusedStepMixin, torch.optim.SGD):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._fresh = getattr(self, "_fresh", {})
+
+    def _saved_param_state(self, state: dict) -> dict:
+        # a buffer made for a step that then raised was never written: torch would have none
+        out = super()._saved_param_state(state)
+        buf = out.get("momentum_buffer")
+        if buf is not None and self._fresh.get(id(buf)) is buf:
+            del out["momentum_buffer"]
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self._fresh:  # pickle / deepcopy: without never-written buffers (the mark is not saved)
+            saved = defaultdict(dict)
+            for p, st in state["state"].items():
+                saved[p] = self._saved_param_state(st)
+            state["state"] = saved
+        return state
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         # like torch, SGD without momentum keeps no state entry at all (unless a master weight

@@ -287,3 +287,87 @@ def test_load_state_dict_into_an_optimizer_that_already_stepped(name, ctor, devi
     fo.opt.load_state_dict(copy.deepcopy(sd))
     steps([ref, fo], gen, 5, tr)
     assert_pair_close(ref, fo, DT, "after load_state_dict into a used optimizer", tracker=tr)
+
+
+def _tiny(cls, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    return model, cls(model.parameters(), **kw)
+
+
+def _train(model, opt, steps=2):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_state_dict_hooks_see_and_return_what_torchs_do(name):
+    """A state_dict post hook gets the plain dict (torch.save-able with weights_only) and may
+    return a dict of its own; a load pre hook may return the dict to load (a custom format), and
+    the precision entries are read from that one and put back before the post hooks run."""
+    import io
+
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, state_dtype=torch.float32)
+    model, opt = _tiny(fused_cls(name), **kw)
+    _train(model, opt)
+    seen = []
+
+    def post(o, sd):
+        seen.append(all(type(v) is dict for v in sd["state"].values()))
+        return {"wrapped": sd}
+
+    handle = opt.register_state_dict_post_hook(post)
+    ckpt = opt.state_dict()
+    handle.remove()
+    assert list(ckpt) == ["wrapped"] and seen == [True]
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2 = _tiny(fused_cls(name), **kw)
+    model2.load_state_dict(model.state_dict())
+    states_at_post = []
+    opt2.register_load_state_dict_pre_hook(lambda o, sd: sd["wrapped"])
+    opt2.register_load_state_dict_post_hook(lambda o: states_at_post.append(
+        {k: v.dtype for st in o.state.values() for k, v in st.items()}))
+    opt2.load_state_dict(ckpt)
+    if name == "Adam":  # state_dtype float32 moments on float64 params, as saved
+        assert states_at_post[0]["exp_avg"] == torch.float32
+    torch.manual_seed(1)
+    _train(model, opt)
+    torch.manual_seed(1)
+    _train(model2, opt2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_optimizer_state_is_one_object_from_construction(name):
+    # a wrapper that copies the optimizer's __dict__ (as Lightning's does) keeps seeing its state
+    model, opt = _tiny(fused_cls(name), lr=0.1, **(dict(momentum=0.9) if name == "SGD" else {}))
+    state = opt.state
+    view = type("Wrapper", (), {})()
+    view.__dict__ = dict(opt.__dict__)
+    _train(model, opt)
+    assert opt.state is state and len(state) == 2 and len(view.state) == 2
+
+
+def test_sgd_buffers_of_a_step_that_raised_are_not_saved():
+    """A step that raised (a grad strided unlike its param) made momentum buffers it never wrote: torch
+    would have none. They are not in state_dict, a deepcopy or a pickle, so a resumed run's first
+    buffer is the grad, as torch's."""
+    import pickle
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fused_cls("SGD")([p], lr=0.1, momentum=0.9, dampening=0.5)
+    p.grad = torch.ones(6)[::2]
+    with pytest.raises(RuntimeError, match="strides"):
+        opt.step()
+    assert opt.state_dict()["state"] in ({}, {0: {}})
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        q = twin.param_groups[0]["params"][0]
+        q.grad = torch.ones(3)
+        twin.step()
+        assert torch.equal(twin.state[q]["momentum_buffer"], torch.ones(3))  # the grad, undampened

@@ -207,8 +207,9 @@ def test_state_dict_save_load_pickle_and_deepcopy_see_plain_dicts(name, device):
     loaded = torch.load(buf, weights_only=True)
     assert sorted(loaded["state"]) == sorted(sd["state"])
     assert "fusedopt" not in str(pickle.dumps(sd))
+    assert b"fusedopt" not in pickle.dumps(fo.opt.state)  # pickled as a plain defaultdict of dicts
     twin = copy.deepcopy(fo.opt)
-    assert all(type(v) is dict for v in twin.state.values())
+    assert twin.state is not fo.opt.state and all(isinstance(v, dict) for v in twin.state.values())
     params = [p for g in twin.param_groups for p in g["params"]]
     for p, q in zip(fo.params, params):
         q.grad = p.grad.clone()
