@@ -61,9 +61,7 @@ void* companion_ptr(const char* op, const char* what, int64_t i, const at::Tenso
               "] has strides ", t.strides(), " but params[", pi, "] has strides ",
               param.strides(), "; fusedopt needs a gradient and state laid out like the "
               "param (a grad set by hand: give it the param's layout, e.g. torch.empty_like(param)"
-              ".copy_(grad); a param whose layout changed after its state was made, e.g. by "
-              "model.to(memory_format=...): change the layout before making the optimizer or "
-              "loading its state_dict)");
+              ".copy_(grad); the optimizer classes copy a state into its param's layout)");
   return t.data_ptr();
 }
 

@@ -504,6 +504,8 @@ class FusedStepMixin:
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 self._prepare_precision(p, state)
+                if not is_dt:
+                    self._match_layout(p, state)
                 if needed is None:
                     mask = _role_mask(spec, self._hyper_row(group))
                     needed = [key for r, key in enumerate(spec["roles"]) if mask >> r & 1]
@@ -555,6 +557,21 @@ class FusedStepMixin:
         if signature is not None:  # the state as the build left it (lazy state, flat state)
             signature = self._signature()
         return _Plan(signature, list(batches.values()), without_grad, params, flat_generation)
+
+    def _match_layout(self, p: Tensor, state: dict) -> None:
+        """The param's state tensors in its layout: a param whose layout changed once its state
+        was made (``model.to(memory_format=torch.channels_last)`` mid-training, a checkpoint saved
+        from another layout) gets its state copied into its own layout, which the kernels need and
+        torch, stepping elementwise, does not. Counted in ``_relaid``."""
+        if p.dim() < 2 or not _dense(p):
+            return
+        stride = p.stride()
+        for key, value in list(state.items()):
+            if (isinstance(value, Tensor) and value.shape == p.shape and value.stride() != stride
+                    and _dense(value)):
+                new = state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                self._state_moved(value, new)
+                self._relaid = getattr(self, "_relaid", 0) + 1
 
     def _all_params(self) -> list[Tensor]:
         """Every param of every group, in order."""
@@ -849,7 +866,11 @@ class FusedStepMixin:
                     else:
                         ran = self._launch(batch, gs, fi, clip=clip)
                 except (RuntimeError, TypeError, ValueError) as e:
-                    raise self._fresh_error(e, batch) from None
+                    fresh = self._fresh_error(e, batch)
+                    if fresh is None:  # the plan built anew re-laid state tensors: step with it
+                        stale = True
+                        break
+                    raise fresh from None
                 if not ran:  # a param lost its grad or a state entry since the plan was built
                     stale = True
                     break
@@ -865,10 +886,13 @@ class FusedStepMixin:
         plan built anew checks the params first (a sparse grad, ...) and names the problem in its
         own words; when it finds nothing, ``e`` located in param_groups. The next step rebuilds."""
         self._plan = None
+        self._relaid = 0
         try:
             self._build_plan(None)
         except (RuntimeError, TypeError, ValueError) as fresh:
             return fresh
+        if self._relaid:  # it made the state fit a param's new layout: nothing to raise
+            return None
         return _locate(e, batch)
 
 
@@ -878,6 +902,19 @@ def _check_clip_options(name: str, max_grad_norm, grad_norm_type) -> None:
     if not (isinstance(grad_norm_type, (int, float)) and grad_norm_type > 0):
         raise ValueError(f"fusedopt.{name}: grad_norm_type must be a positive number or inf (2.0: the "
                          f"L2 norm), got {grad_norm_type!r}")
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (any order of dimensions): sorted by stride, each stride is the
+    product of the sizes before it (dimensions of size 1 aside)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _role_mask(spec: dict, row: dict) -> int:

@@ -371,3 +371,48 @@ def test_sgd_buffers_of_a_step_that_raised_are_not_saved():
         q.grad = torch.ones(3)
         twin.step()
         assert torch.equal(twin.state[q]["momentum_buffer"], torch.ones(3))  # the grad, undampened
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+@pytest.mark.parametrize("how", ["to-channels-last-mid-training", "contiguous-checkpoint-into-channels-last"])
+def test_a_param_whose_layout_changes_after_its_state_steps_like_torch(name, how):
+    """A conv whose params become channels_last once their state exists: the state is copied
+    into the param's layout (the kernels walk a param and its state with one index) and the run
+    goes on as torch's, which steps any layout elementwise."""
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+
+    def conv():
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(3, 4, 3).double()
+
+    def train(model, opt, seed):
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        model(torch.randn(2, 3, 6, 6, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+
+    runs = []
+    for cls in (fused_cls(name), torch_cls(name)):
+        model = conv()
+        opt = cls(model.parameters(), **kw)
+        train(model, opt, 1)
+        if how == "to-channels-last-mid-training":
+            model.to(memory_format=torch.channels_last)
+        else:
+            ckpt = copy.deepcopy(opt.state_dict())
+            weights = copy.deepcopy(model.state_dict())
+            model = conv().to(memory_format=torch.channels_last)
+            model.load_state_dict(weights)
+            opt = cls(model.parameters(), **kw)
+            opt.load_state_dict(ckpt)
+        for seed in (2, 3):
+            train(model, opt, seed)
+        runs.append((model, opt))
+    (fm, fo), (tm, to) = runs
+    assert fm.weight.stride() == tm.weight.stride() and fm.weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(fm.parameters(), tm.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    for p in fm.parameters():
+        for v in fo.state[p].values():
+            if torch.is_tensor(v) and v.dim() == p.dim():
+                assert v.stride() == p.stride()
