@@ -464,6 +464,9 @@ class FusedStepMixin:
 
     def _build_plan(self, signature) -> _Plan:
         name = type(self).__name__
+        # state tensors are re-laid for their param only by the build after a launch failed (a
+        # check per state tensor cost more than the rest of a 10,000-param build)
+        relaying = getattr(self, "_relaying", False)
         dtensor = _dtensor_type()
         batches: dict[tuple[torch.device, bool], _Batch] = {}
         without_grad: list[Tensor] = []
@@ -504,7 +507,7 @@ class FusedStepMixin:
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 self._prepare_precision(p, state)
-                if not is_dt:
+                if relaying and not is_dt:
                     self._match_layout(p, state)
                 if needed is None:
                     mask = _role_mask(spec, self._hyper_row(group))
@@ -562,12 +565,13 @@ class FusedStepMixin:
         """The param's state tensors in its layout: a param whose layout changed once its state
         was made (``model.to(memory_format=torch.channels_last)`` mid-training, a checkpoint saved
         from another layout) gets its state copied into its own layout, which the kernels need and
-        torch, stepping elementwise, does not. Counted in ``_relaid``."""
+        torch, stepping elementwise, does not. Counted in ``_relaid``; the step that found the
+        misfit then runs again with the plan that made them fit."""
         if p.dim() < 2 or not _dense(p):
             return
         stride = p.stride()
         for key, value in list(state.items()):
-            if (isinstance(value, Tensor) and value.shape == p.shape and value.stride() != stride
+            if (isinstance(value, Tensor) and value.stride() != stride and value.shape == p.shape
                     and _dense(value)):
                 new = state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
                 self._state_moved(value, new)
@@ -887,10 +891,13 @@ class FusedStepMixin:
         own words; when it finds nothing, ``e`` located in param_groups. The next step rebuilds."""
         self._plan = None
         self._relaid = 0
+        self._relaying = True
         try:
             self._build_plan(None)
         except (RuntimeError, TypeError, ValueError) as fresh:
             return fresh
+        finally:
+            self._relaying = False
         if self._relaid:  # it made the state fit a param's new layout: nothing to raise
             return None
         return _locate(e, batch)
