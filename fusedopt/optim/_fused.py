@@ -211,15 +211,16 @@ class _Batch:
 
 
 class _Plan:
-    __slots__ = ("signature", "batches", "without_grad", "params", "flat_generation")
+    __slots__ = ("signature", "batches", "without_grad", "params", "flat_generation", "relaid")
 
     def __init__(self, signature, batches: list[_Batch], without_grad: list[Tensor], params: list[Tensor],
-                 flat_generation: int):
+                 flat_generation: int, relaid: int = 0):
         self.signature = signature
         self.batches = batches
         self.without_grad = without_grad
         self.params = params  # every param of every group, in order, as the plan was built
         self.flat_generation = flat_generation  # fusedopt.flat.generation() when it was built
+        self.relaid = relaid  # state tensors the build copied into their param's layout
 
     def same_params(self, param_groups: list[dict]) -> bool:
         """Whether the groups still hold exactly these params (one identity test per param: a
@@ -462,11 +463,12 @@ class FusedStepMixin:
             tuple((id(g["params"]), len(g["params"]), self._structure(g)) for g in self.param_groups),
         )
 
-    def _build_plan(self, signature) -> _Plan:
+    def _build_plan(self, signature, relay: bool = False) -> _Plan:
+        """``relay``: copy state tensors into their param's layout where it changed (only the
+        build after a launch failed asks: a check per state tensor cost more than the rest of a
+        10,000-param build)."""
         name = type(self).__name__
-        # state tensors are re-laid for their param only by the build after a launch failed (a
-        # check per state tensor cost more than the rest of a 10,000-param build)
-        relaying = getattr(self, "_relaying", False)
+        relaid = 0
         dtensor = _dtensor_type()
         batches: dict[tuple[torch.device, bool], _Batch] = {}
         without_grad: list[Tensor] = []
@@ -507,8 +509,8 @@ class FusedStepMixin:
                 state = self._state_of(p, group)
                 self._prepare_state(p, group, state)
                 self._prepare_precision(p, state)
-                if relaying and not is_dt:
-                    self._match_layout(p, state)
+                if relay and not is_dt:
+                    relaid += self._match_layout(p, state)
                 if needed is None:
                     mask = _role_mask(spec, self._hyper_row(group))
                     needed = [key for r, key in enumerate(spec["roles"]) if mask >> r & 1]
@@ -559,23 +561,24 @@ class FusedStepMixin:
         params = self._all_params()
         if signature is not None:  # the state as the build left it (lazy state, flat state)
             signature = self._signature()
-        return _Plan(signature, list(batches.values()), without_grad, params, flat_generation)
+        return _Plan(signature, list(batches.values()), without_grad, params, flat_generation, relaid)
 
-    def _match_layout(self, p: Tensor, state: dict) -> None:
+    def _match_layout(self, p: Tensor, state: dict) -> int:
         """The param's state tensors in its layout: a param whose layout changed once its state
         was made (``model.to(memory_format=torch.channels_last)`` mid-training, a checkpoint saved
         from another layout) gets its state copied into its own layout, which the kernels need and
-        torch, stepping elementwise, does not. Counted in ``_relaid``; the step that found the
-        misfit then runs again with the plan that made them fit."""
+        torch, stepping elementwise, does not. Returns how many; the step that found the misfit
+        then runs again with the plan that made them fit."""
         if p.dim() < 2 or not _dense(p):
-            return
-        stride = p.stride()
+            return 0
+        stride, relaid = p.stride(), 0
         for key, value in list(state.items()):
             if (isinstance(value, Tensor) and value.stride() != stride and value.shape == p.shape
                     and _dense(value)):
                 new = state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
                 self._state_moved(value, new)
-                self._relaid = getattr(self, "_relaid", 0) + 1
+                relaid += 1
+        return relaid
 
     def _all_params(self) -> list[Tensor]:
         """Every param of every group, in order."""
@@ -890,15 +893,11 @@ class FusedStepMixin:
         plan built anew checks the params first (a sparse grad, ...) and names the problem in its
         own words; when it finds nothing, ``e`` located in param_groups. The next step rebuilds."""
         self._plan = None
-        self._relaid = 0
-        self._relaying = True
         try:
-            self._build_plan(None)
+            plan = self._build_plan(None, relay=True)
         except (RuntimeError, TypeError, ValueError) as fresh:
             return fresh
-        finally:
-            self._relaying = False
-        if self._relaid:  # it made the state fit a param's new layout: nothing to raise
+        if plan.relaid:  # it made the state fit a param's new layout: nothing to raise
             return None
         return _locate(e, batch)
 
