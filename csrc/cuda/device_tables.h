@@ -22,6 +22,10 @@ constexpr int64_t kChunkElems = 1 << 16;
 // ptxas keeps their register use low enough that such a block always fits on an SM.
 constexpr int kMaxBlock = 512;
 
+// LaunchArgs::storage when the launch's tensors do not all share one storage type (or use
+// masters, stochastic rounding, float64 or float16): the kernel then switches on each role's type.
+constexpr int32_t kMixedStorage = -1;
+
 enum TensorFlags : int32_t {
   kAligned16 = 1,  // every role's pointer is 16-byte aligned
   kFresh = 2,      // the state was never written yet (SGD: the momentum buffer takes the gradient)
@@ -87,6 +91,11 @@ struct LaunchArgs {
   int32_t has_host_scale;
   int32_t clip_is_double;
   int32_t rule;              // fusedopt::RuleId
+  // The one storage type (fusedopt::Elem: float32 or bfloat16) of every param, grad and state
+  // of the launch, none with a master or stochastic rounding; else kMixedStorage. It picks the
+  // kernel compiled for that type alone: without the per-role type switches and the master and
+  // rounding paths, ptxas fits it in fewer registers, without spills (fused_step_kernels.cu).
+  int32_t storage;
   int32_t grid;
   int32_t block;
 };

@@ -159,34 +159,49 @@ __device__ __forceinline__ double read_lr(const LaunchArgs& a, const DeviceGroup
                         : static_cast<double>(*static_cast<const float*>(g.lr_ptr));
 }
 
+// A tensor's storage types and master as the kernel compiled for launch storage K sees them:
+// K other than kMixedStorage is every role's type, with no master and no stochastic rounding, so
+// the role switches fold to one case and the master and rounding paths drop out.
+template <int32_t K>
+struct Storage {
+  static __device__ __forceinline__ int32_t of(int32_t stored) { return K == kMixedStorage ? stored : K; }
+  static __device__ __forceinline__ int32_t master(const DeviceTensor& t) {
+    return K == kMixedStorage ? t.master_kind : kNoMaster;
+  }
+  static constexpr bool kMayRound = K == kMixedStorage;
+};
+
 // N elements of tensor t starting at j: load every role, update, store.
-template <typename Rule, typename S, int N, bool Vec>
+template <typename Rule, int32_t K, typename S, int N, bool Vec>
 __device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t index, int64_t j,
                                              uint32_t roles,
                                              const typename Rule::template Coeffs<S>& c,
                                              const GradScalars& gs, uint64_t seed, bool stochastic) {
+  // t's fields are read at each use, not held in locals: held, they cost the mixed kernel spills
+  using St = Storage<K>;
+  stochastic = St::kMayRound && stochastic;
   S p[N], g[N], st[Rule::kStates][N];
   uint16_t bits[N];
   int16_t rem[N];
-  if (t.master_kind == kFullMaster) {
+  if (St::master(t) == kFullMaster) {
     load_as<float, S, N, Vec>(t.master, j, p);
-  } else if (t.master_kind == kRemainder) {
+  } else if (St::master(t) == kRemainder) {
     const Elems<uint16_t, N> b = *reinterpret_cast<const Elems<uint16_t, N>*>(static_cast<const uint16_t*>(t.param) + j);
     const Elems<int16_t, N> r = *reinterpret_cast<const Elems<int16_t, N>*>(static_cast<const int16_t*>(t.master) + j);
 #pragma unroll
     for (int k = 0; k < N; ++k) p[k] = static_cast<S>(join_master(b.v[k], r.v[k]));
   } else {
-    load_role<S, N, Vec>(t.param, t.dtype, j, p);
+    load_role<S, N, Vec>(t.param, St::of(t.dtype), j, p);
   }
-  load_role<S, N, Vec>(t.grad, t.dtype, j, g);
+  load_role<S, N, Vec>(t.grad, St::of(t.dtype), j, g);
 #pragma unroll
   for (int r = 0; r < Rule::kStates; ++r) {
-    if (roles & (1u << r)) load_role<S, N, Vec>(t.state[r], t.state_dtype[r], j, st[r]);
+    if (roles & (1u << r)) load_role<S, N, Vec>(t.state[r], St::of(t.state_dtype[r]), j, st[r]);
   }
   if (gs.unscale) {
 #pragma unroll
     for (int k = 0; k < N; ++k) g[k] = g[k] * static_cast<S>(gs.inv_scale);
-    store_role<S, N, Vec>(t.grad, t.dtype, j, g);
+    store_role<S, N, Vec>(t.grad, St::of(t.dtype), j, g);
   }
   const bool fresh = (t.flags & kFresh) != 0;
 #pragma unroll
@@ -201,11 +216,11 @@ __device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t inde
   }
 #pragma unroll
   for (int r = 0; r < Rule::kStates; ++r) {
-    if (roles & (1u << r)) store_role<S, N, Vec>(t.state[r], t.state_dtype[r], j, st[r]);
+    if (roles & (1u << r)) store_role<S, N, Vec>(t.state[r], St::of(t.state_dtype[r]), j, st[r]);
   }
-  if (t.master_kind == kFullMaster) {
+  if (St::master(t) == kFullMaster) {
     store_as<float, S, N, Vec>(t.master, j, p);
-    if (t.dtype == kBF16) {
+    if (St::of(t.dtype) == kBF16) {
 #pragma unroll
       for (int k = 0; k < N; ++k) bits[k] = bf16_bits_nearest_away(static_cast<float>(p[k]));
       Elems<uint16_t, N> b;
@@ -213,9 +228,9 @@ __device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t inde
       for (int k = 0; k < N; ++k) b.v[k] = bits[k];
       *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
     } else {
-      store_role<S, N, Vec>(t.param, t.dtype, j, p);  // float16: to nearest even
+      store_role<S, N, Vec>(t.param, St::of(t.dtype), j, p);  // float16: to nearest even
     }
-  } else if (t.master_kind == kRemainder) {
+  } else if (St::master(t) == kRemainder) {
     Elems<uint16_t, N> b;
     Elems<int16_t, N> r;
 #pragma unroll
@@ -226,7 +241,7 @@ __device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t inde
     }
     *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
     *reinterpret_cast<Elems<int16_t, N>*>(static_cast<int16_t*>(t.master) + j) = r;
-  } else if (stochastic && t.dtype == kBF16) {
+  } else if (stochastic && St::of(t.dtype) == kBF16) {
     Elems<uint16_t, N> b;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -236,13 +251,13 @@ __device__ __forceinline__ void update_elems(const DeviceTensor& t, int32_t inde
     }
     *reinterpret_cast<Elems<uint16_t, N>*>(static_cast<uint16_t*>(t.param) + j) = b;
   } else {
-    store_role<S, N, Vec>(t.param, t.dtype, j, p);
+    store_role<S, N, Vec>(t.param, St::of(t.dtype), j, p);
   }
 }
 
 // Elements [begin, end) of tensor t: 16-byte accesses of N elements per thread where the tensor
 // is aligned, then one element per thread.
-template <typename Rule, typename S>
+template <typename Rule, int32_t K, typename S>
 __device__ void update_range(const DeviceTensor& t, int32_t index, int64_t begin, int64_t end,
                              uint32_t roles, const typename Rule::template Coeffs<S>& c,
                              const GradScalars& gs, uint64_t seed, bool stochastic) {
@@ -251,12 +266,12 @@ __device__ void update_range(const DeviceTensor& t, int32_t index, int64_t begin
   if (t.flags & kAligned16) {
     const int64_t units = (end - begin) / kN;
     for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
-      update_elems<Rule, S, kN, true>(t, index, begin + u * kN, roles, c, gs, seed, stochastic);
+      update_elems<Rule, K, S, kN, true>(t, index, begin + u * kN, roles, c, gs, seed, stochastic);
     }
     i = begin + units * kN;
   }
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
-    update_elems<Rule, S, 1, false>(t, index, j, roles, c, gs, seed, stochastic);
+    update_elems<Rule, K, S, 1, false>(t, index, j, roles, c, gs, seed, stochastic);
   }
 }
 
@@ -295,7 +310,7 @@ __device__ void finish_launch(const LaunchArgs& a) {
   reset_count(launch_counter);
 }
 
-template <typename Rule>
+template <typename Rule, int32_t K>
 __global__ void __launch_bounds__(kMaxBlock) step_kernel(const LaunchArgs a) {
   if (skip_step(a)) return;  // touch nothing
   const GradScalars gs = read_scalars(a);
@@ -310,12 +325,12 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(const LaunchArgs a) {
     const double step = Rule::kHasStep ? static_cast<double>(*t.step) + 1.0 : 0.0;
     const uint64_t seed = step_seed(a.rounding_seed, step);
     const double lr = read_lr(a, g);
-    if (t.dtype == kF64) {
-      update_range<Rule, double>(t, ch.tensor, ch.begin, end, g.roles,
-                                 Rule::template coeffs<double>(g.row, lr, step), gs, seed, stochastic);
+    if (Storage<K>::of(t.dtype) == kF64) {
+      update_range<Rule, K, double>(t, ch.tensor, ch.begin, end, g.roles,
+                                    Rule::template coeffs<double>(g.row, lr, step), gs, seed, stochastic);
     } else {
-      update_range<Rule, float>(t, ch.tensor, ch.begin, end, g.roles,
-                                Rule::template coeffs<float>(g.row, lr, step), gs, seed, stochastic);
+      update_range<Rule, K, float>(t, ch.tensor, ch.begin, end, g.roles,
+                                   Rule::template coeffs<float>(g.row, lr, step), gs, seed, stochastic);
     }
     if constexpr (Rule::kHasStep) {
       // The last block to finish a chunk of this tensor bumps its step counter: by then every
@@ -333,15 +348,24 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(const LaunchArgs a) {
   if (threadIdx.x == 0) finish_launch(a);
 }
 
-template <typename Rule>
-int launch_rule(const LaunchArgs& args, CUstream_st* stream) {
+template <typename Rule, int32_t K>
+int launch_kernel(const LaunchArgs& args, CUstream_st* stream) {
 #ifdef FUSEDOPT_EMULATED_CUDA
   (void)stream;
-  return fusedopt_emulation::launch(step_kernel<Rule>, args.grid, args.block, args);
+  return fusedopt_emulation::launch(step_kernel<Rule, K>, args.grid, args.block, args);
 #else
-  step_kernel<Rule><<<args.grid, args.block, 0, stream>>>(args);
+  step_kernel<Rule, K><<<args.grid, args.block, 0, stream>>>(args);
   return static_cast<int>(cudaGetLastError());
 #endif
+}
+
+template <typename Rule>
+int launch_rule(const LaunchArgs& args, CUstream_st* stream) {
+  switch (args.storage) {
+    case kF32: return launch_kernel<Rule, kF32>(args, stream);
+    case kBF16: return launch_kernel<Rule, kBF16>(args, stream);
+    default: return launch_kernel<Rule, kMixedStorage>(args, stream);
+  }
 }
 
 }  // namespace

@@ -20,6 +20,29 @@ T* grow(std::vector<uint8_t>& bytes, int64_t count) {
   return reinterpret_cast<T*>(bytes.data() + at);
 }
 
+// Folds slots into the one storage type they all share (LaunchArgs::storage).
+class StorageScan {
+ public:
+  explicit StorageScan(const StepTable& args) : stochastic_(args.rounding_seed >= 0) {}
+  void add(const TensorSlot& s) {
+    if (storage_ == kMixedStorage) return;
+    const auto dtype = static_cast<int32_t>(s.dtype);
+    bool uniform = s.master_kind == Master::none &&
+                   (s.dtype == Elem::f32 || (s.dtype == Elem::bf16 && !stochastic_)) &&
+                   (storage_ == kUnset || storage_ == dtype);
+    for (int k = 0; k < kMaxStates; ++k) {
+      uniform = uniform && (s.state[k] == nullptr || s.state_dtype[k] == s.dtype);
+    }
+    storage_ = uniform ? dtype : kMixedStorage;
+  }
+  int32_t storage() const { return storage_ == kUnset ? kMixedStorage : storage_; }
+
+ private:
+  static constexpr int32_t kUnset = -2;
+  bool stochastic_;
+  int32_t storage_ = kUnset;
+};
+
 }  // namespace
 
 bool same_slots(const std::vector<TensorSlot>& a, const std::vector<TensorSlot>& b) {
@@ -85,10 +108,13 @@ HostTables pack_tables(const StepTable& args, int64_t chunk_elems, bool cpu_lr_b
 
   out.num_tensors = static_cast<int64_t>(args.tensors.size());
   int64_t total_chunks = 0;
+  StorageScan storage(args);
   for (const auto& s : args.tensors) {
     total_chunks += s.numel == 0 ? 1 : (s.numel + chunk_elems - 1) / chunk_elems;
+    storage.add(s);
   }
   out.num_chunks = total_chunks;
+  out.storage = storage.storage();
   out.chunks_offset = out.num_tensors * static_cast<int64_t>(sizeof(DeviceTensor));
   if (!tensor_bytes) return out;
   out.tensors.reserve(static_cast<size_t>(out.num_tensors) * sizeof(DeviceTensor) +
@@ -139,6 +165,7 @@ LaunchArgs make_launch_args(const HostTables& t, const StepTable& args, const vo
   la.done_counters = counters;
   la.rule = static_cast<int32_t>(args.rule);
   la.rounding_seed = args.rounding_seed;
+  la.storage = t.storage;
   la.clip = args.clip_data;
   la.clip_is_double = args.clip_is_double ? 1 : 0;
   if (t.has_schedule) {

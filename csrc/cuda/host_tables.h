@@ -21,6 +21,7 @@ struct HostTables {
   int64_t chunks_offset = 0;  // byte offset of the chunk table in `tensors`
   int64_t chunk_elems = kChunkElems;
   bool has_schedule = false;
+  int32_t storage = kMixedStorage;  // LaunchArgs::storage
 };
 
 // Packs one step. `chunk_elems` (a positive multiple of 8) is the work of one chunk; every

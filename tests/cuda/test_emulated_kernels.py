@@ -301,3 +301,71 @@ def test_stochastic_rounding_bits_match_the_cpu_kernel_emul(geometry, emulated_c
         assert emulated_cuda_module.launches() > launches  # the emulated kernel did run
     for k, (e, r) in enumerate(zip(emulated, reference)):
         assert torch.equal(e, r), f"tensor {k}: {(e != r).sum().item()} of {e.numel()} params round differently"
+
+
+# (optimizer, kwargs) for every rule: each has its own kernels for launches of one storage type.
+_RULES = [("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+          ("SGD", dict(lr=0.05)),
+          ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+          ("AdamW", dict(lr=0.01, maximize=True)),
+          ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True)),
+          ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)),
+          ("Lion", dict(lr=0.01, weight_decay=0.1))]
+
+
+def _uniform_or_mixed_run(module, name, kw, dtype, extra=None, steps=3):
+    """Steps params of `dtype` (odd sizes and a misaligned one: vector and scalar paths) alone, or
+    with `extra` (a param of another kind) in a second group of the same launch; returns the
+    params' bits and the storage each launch's kernel was compiled for."""
+    ps = _leaves([(37,), (1000,), (4, 33), (0,)], dtype, 21) + _leaves([(77,)], dtype, 22, misalign=True)
+    groups = [{"params": ps}] + ([{"params": [extra]}] if extra is not None else [])
+    opt = getattr(fusedopt, name)(groups, **kw)
+    gen = torch.Generator().manual_seed(23)
+    storages = set()
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        if extra is not None:  # its own values: the params' grads are the same in both runs
+            extra.grad = torch.ones_like(extra)
+        opt.step()
+        storages.add(module.last_launch_storage())
+    return [p.detach().clone() for p in ps], storages
+
+
+@pytest.mark.parametrize("geometry", [pytest.param((3, 16, 64), id="emul-g3-b16-c64",
+                                                   marks=emul(grid=3, block=16, chunk_elems=64))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name,kw", _RULES)
+def test_uniform_storage_kernel_matches_the_mixed_kernel(geometry, dtype, name, kw, emulated_cuda_module):
+    """A launch whose params, grads and states are all float32 (or all bfloat16) runs the kernel
+    compiled for that type alone; the same params stepped in a launch that also holds a float64
+    param run the kernel that switches on each role's type. Both must give the same bits, and each
+    launch must have picked the kernel its tensors call for."""
+    uniform, used = _uniform_or_mixed_run(emulated_cuda_module, name, kw, dtype)
+    assert used == {str(dtype).removeprefix("torch.")}
+    extra = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    mixed, used = _uniform_or_mixed_run(emulated_cuda_module, name, kw, dtype, extra=extra)
+    assert used == {"mixed"}
+    for k, (u, m) in enumerate(zip(uniform, mixed)):
+        assert torch.equal(u.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           m.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
+            f"param {k}: {(u != m).sum().item()} of {u.numel()} elements differ"
+
+
+@pytest.mark.parametrize("geometry", [pytest.param((3, 16, 64), id="emul-g3-b16-c64",
+                                                   marks=emul(grid=3, block=16, chunk_elems=64))])
+@pytest.mark.parametrize("dtype,kw", [
+    (torch.bfloat16, dict(master_weights=True)),
+    (torch.bfloat16, dict(master_weights=True, master_remainders=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True)),
+    (torch.bfloat16, dict(state_dtype=torch.float32)),
+    (torch.float32, dict(state_dtype=torch.bfloat16)),
+    (torch.float16, {}),
+    (torch.float64, {}),
+], ids=["bf16-master", "bf16-remainder", "bf16-stochastic", "bf16-f32-states", "f32-bf16-states", "f16", "f64"])
+def test_launches_that_need_more_than_one_storage_type_run_the_mixed_kernel(geometry, dtype, kw,
+                                                                            emulated_cuda_module):
+    """Masters, stochastic rounding, states of another type than the param, and the types without
+    a kernel of their own go to the kernel that switches on each role's type."""
+    _, used = _uniform_or_mixed_run(emulated_cuda_module, "Adam", dict(lr=0.01, **kw), dtype)
+    assert used == {"mixed"}

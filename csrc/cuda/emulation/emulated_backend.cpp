@@ -35,6 +35,7 @@ struct Config {
   int64_t chunk_elems = 64;
   int64_t launches = 0;
   int64_t last_tensors = 0;  // slots in the last step launch's table (after coalescing)
+  int32_t last_storage = kMixedStorage;  // LaunchArgs::storage of the last step launch
 };
 
 Config& config() {
@@ -110,6 +111,7 @@ void launch(const char* op, const StepArgs& args) {
   TORCH_CHECK(err == 0, op, ": emulated launch failed with CUDA error ", err);
   ++config().launches;
   config().last_tensors = static_cast<int64_t>(args.tensors.size());
+  config().last_storage = la.storage;
 }
 
 using EmulatedOps = KernelOps<launch>;
@@ -216,6 +218,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launches", [] { return config().launches; }, "Kernel launches so far.");
   m.def("last_launch_tensors", [] { return config().last_tensors; },
         "Tensor slots of the last step launch, after coalescing (step_args.cpp).");
+  m.def("last_launch_storage", [] {
+    const int32_t s = config().last_storage;
+    if (s == static_cast<int32_t>(fusedopt::Elem::f32)) return std::string("float32");
+    if (s == static_cast<int32_t>(fusedopt::Elem::bf16)) return std::string("bfloat16");
+    return std::string(s == kMixedStorage ? "mixed" : "unknown");
+  }, "The storage the last step launch's kernel was compiled for (LaunchArgs::storage): float32, "
+     "bfloat16, or mixed (the kernel that switches on each role's type).");
   m.def("table_lookup_us", [](const std::vector<int64_t>& numels, int64_t repeats) {
     // Host cost per step of finding the tensor table of an unchanged step, as the real glue does:
     // (packing it and comparing the bytes with the cached copy, the old way; comparing the slots
