@@ -42,6 +42,7 @@ _INDEX = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|state_steps)\[(\d+)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASTER_KEYS = {1: "master_param", 2: "master_remainder"}
+_MASTER_DTYPES = {1: torch.float32, 2: torch.int16}
 _local_of = operator.attrgetter("_local_tensor")
 _spec_of = operator.attrgetter("_spec")
 _grad_of = operator.attrgetter("grad")
@@ -330,13 +331,26 @@ class FusedStepMixin:
                 value = state.get(key)
                 if isinstance(value, Tensor) and value.dtype != dtype:
                     state[key] = value.to(dtype)
-        mode = self._master_mode
-        if mode and p.dtype in _HALF_TYPES:
+        mode = self._master_mode if p.dtype in _HALF_TYPES else 0
+        # Master entries this optimizer does not keep (the other mode's, or any when it keeps
+        # none) go stale at this step, when the param moves and they do not: a later checkpoint
+        # would resume from them and roll the param back. They are dropped (the other mode's
+        # converted first, below), as is one of the wrong dtype: torch.optim's load_state_dict
+        # casts every state tensor to its param's dtype (a master rounded, a remainder garbled),
+        # and a torch run stepped the param without it.
+        usable = {}
+        for m, key in _MASTER_KEYS.items():
+            value = state.get(key) if m == mode else state.pop(key, None)
+            if isinstance(value, Tensor) and value.dtype == _MASTER_DTYPES[m]:
+                usable[m] = value
+            elif m == mode:
+                state.pop(key, None)
+        if mode:
             key = _MASTER_KEYS[mode]
-            if not isinstance(state.get(key), Tensor):
+            if mode not in usable:
                 # the other mode's entry (a checkpoint of a run with the other option) holds the
-                # master exactly: converted, and not kept, where it would go stale
-                other = state.pop(_MASTER_KEYS[3 - mode], None)
+                # master exactly: converted
+                other = usable.get(3 - mode)
                 if mode == 1 and isinstance(other, Tensor) and p.dtype == torch.bfloat16:
                     state[key] = _join_master(p.detach(), other.to(p.device))
                 elif mode == 1:

@@ -64,8 +64,9 @@ class SGD(FusedStepMixin, torch.optim.SGD):
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         # like torch, SGD without momentum keeps no state entry at all (unless a master weight
-        # has to live somewhere)
-        if group["momentum"] != 0 or (self._master_mode and p.dtype in (torch.float16, torch.bfloat16)):
+        # has to live somewhere, or one was loaded: a master it does not keep is dropped there)
+        if (group["momentum"] != 0 or (self._master_mode and p.dtype in (torch.float16, torch.bfloat16))
+                or p in self.state):
             return self.state[p]
         return {}
 

@@ -27,6 +27,7 @@ vs uninterrupted, explicit defaults vs none) bit for bit.  Every test that steps
 Tolerances are argued where they are used.
 """
 
+import copy
 import math
 
 import pytest
@@ -1189,3 +1190,44 @@ def test_checkpoint_loads_across_master_modes_exactly(name, saved, loaded):
 
         master_b = b.state[q]["master_param"] if loaded == "master" else _join_master(q.detach(), b.state[q]["master_remainder"])
         assert torch.equal(master_a, master_b)
+
+
+@pytest.mark.parametrize("middle", ["fusedopt", "torch"])
+@pytest.mark.parametrize("saved", ["master", "remainders"])
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.5)), ("SGD", dict(lr=0.5, momentum=0.9)),
+                                     ("AdamW", dict(lr=0.1))], ids=["SGD", "SGD-momentum", "AdamW"])
+def test_a_run_resumed_without_masters_does_not_resume_from_their_stale_ones(name, kw, saved, middle):
+    """master_weights run -> resumed by an optimizer without masters (fusedopt's, or torch.optim's,
+    which casts the master entries to the param's dtype and keeps them) -> resumed with masters
+    again. The middle run moved the params but not the masters: the last run must go on from the
+    params, not roll them back to the first run's masters (nor refuse a master torch cast)."""
+    import fusedopt
+
+    opts = {"master": dict(master_weights=True), "remainders": dict(master_weights=True, master_remainders=True)}
+    cls = getattr(fusedopt, name)
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(64, generator=g).to(torch.bfloat16))
+    first = cls([p], **kw, **opts[saved])
+    for _ in range(2):
+        p.grad = torch.randn(64, generator=g).to(torch.bfloat16)
+        first.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    mid = (cls if middle == "fusedopt" else getattr(torch.optim, name))([q], **kw)
+    mid.load_state_dict(first.state_dict())
+    for _ in range(3):
+        q.grad = torch.randn(64, generator=g).to(torch.bfloat16)
+        mid.step()
+    assert not torch.equal(q, p)  # the middle run moved the params
+    saved_mid = mid.state_dict()
+    # the reference: the middle run's state without any master entry (masters start from the params)
+    without_masters = {**saved_mid, "state": {k: {n: v for n, v in st.items() if not n.startswith("master")}
+                                              for k, st in saved_mid["state"].items()}}
+    runs = []
+    for sd in (saved_mid, without_masters):
+        r = torch.nn.Parameter(q.detach().clone())
+        last = cls([r], **kw, **opts[saved])
+        last.load_state_dict(copy.deepcopy(sd))  # (loading shares state tensors with the dict)
+        r.grad = torch.zeros_like(r)
+        last.step()
+        runs.append(r.detach())
+    assert torch.equal(runs[0], runs[1]), "the params were rolled back to a stale master"
