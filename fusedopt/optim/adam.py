@@ -27,7 +27,9 @@ def _place_step(p: Tensor, state: dict) -> None:
     """A loaded (or torch-made) step counter where the fused step keeps it: torch.optim's default
     path keeps `step` on the CPU; ours lives with the param on an accelerator, as float32."""
     step = state["step"]
-    if not torch.is_tensor(step):
+    if not torch.is_tensor(step) or step.dtype not in (torch.float32, torch.float64):
+        # a number, or a counter of another dtype (an int64 one torch.optim would go on with):
+        # the kernels count in float32 or float64, the dtypes torch itself makes
         step = state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
     if p.device.type != "cpu" and (step.device != p.device or step.dtype != torch.float32):
         state["step"] = step.to(device=p.device, dtype=torch.float32)
