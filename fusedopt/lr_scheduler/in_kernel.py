@@ -19,8 +19,9 @@ scheduler's. ``group["lr"]`` becomes a tensor the
 kernel writes, so reading it (or ``get_last_lr()``) synchronizes on CUDA. The kernel never reads
 an lr set by hand, so ``group["lr"] = x`` with another value than the schedule's raises
 ValueError at the next step (an lr put back by ``load_state_dict`` of the optimizer, with the
-schedule's own state loaded too, is the schedule's and is taken; changing the tensor in place is
-not noticed and is overwritten). An lr set to 0 steps its group with lr 0 and keeps the schedule
+schedule's own state loaded too, is the schedule's and is taken). Writing another value into the
+tensor in place, as every torch.optim.lr_scheduler stepping the same optimizer does, raises
+ValueError at the next step too (its version counter says it was written). An lr set to 0 steps its group with lr 0 and keeps the schedule
 (see ``kernel_args``: torch.distributed.checkpoint's state initialisation does that). No host work happens
 per step for the lr, and a whole training step captured in a CUDA graph follows the schedule
 across replays. Schedules without a closed form (LambdaLR, ReduceLROnPlateau, ...) stay on the
@@ -73,6 +74,9 @@ class InKernelSchedule:
             group["lr"] = torch.tensor(evaluate_phases(group_phases, start), dtype=torch.float64,
                                        device=self.device)
             self._lrs.append(group["lr"])
+        # Each lr tensor's version after this schedule last wrote it (the kernel's writes bump
+        # none): a bump since is a write in place by someone else (a torch scheduler's fill_).
+        self._lr_versions = [lr._version for lr in self._lrs]
         self._paused: set[int] = set()  # groups whose last step ran with an lr of 0 set by hand
         # An optimizer state_dict loaded before this schedule's own state was: the next step must
         # not run until the schedule's is loaded too (its lrs alone do not say where it was).
@@ -130,6 +134,9 @@ class InKernelSchedule:
                 self._adopt_lr(i, group)
             elif i in self._paused:  # put back after a pause: the lr it holds is from before it
                 lr.fill_(evaluate_phases(self.phases[i], self.last_epoch))
+                self._wrote(i)
+            elif lr._version != self._lr_versions[i]:
+                self._check_written(i)
             self._paused.discard(i)
             lrs.append(self._lrs[i])
             rows.append(self.group_rows[i])
@@ -152,9 +159,31 @@ class InKernelSchedule:
                 f"from its step count (step {t}: lr {expected:.6g}) and would ignore it. To resume a "
                 "run, load the schedule's state_dict as well as the optimizer's; to set the lr by "
                 "hand, keep the schedule on the host (do not call in_kernel)")
-        if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64):
+        if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float64
+                and not lr.is_inference()):
             lr = group["lr"] = torch.tensor(value, dtype=torch.float64, device=self.device)
         self._lrs[i] = lr
+        self._wrote(i)
+
+    def _check_written(self, i: int) -> None:
+        """Group i's lr tensor was written in place since this schedule last wrote it: fine when
+        it holds the schedule's lr (a scheduler that wrote the same value), else the kernel would
+        silently overwrite it, so it raises."""
+        t = self.last_epoch
+        expected = evaluate_phases(self.phases[i], t)
+        value = float(self._lrs[i])
+        if not math.isclose(value, expected, rel_tol=1e-6, abs_tol=0.0):
+            raise ValueError(
+                f"fusedopt.lr_scheduler.in_kernel: param_groups[{i}]['lr'] was changed in place to "
+                f"{value:.6g} (every torch.optim.lr_scheduler writes a tensor lr in place: is another "
+                f"scheduler stepping this optimizer?), but the in-kernel schedule "
+                f"({type(self.scheduler).__name__}) computes every step's lr from its step count "
+                f"(step {t}: lr {expected:.6g}) and would overwrite it. Step one schedule: this one, or "
+                "keep them all on the host (do not call in_kernel)")
+        self._wrote(i)
+
+    def _wrote(self, i: int) -> None:
+        self._lr_versions[i] = self._lrs[i]._version
 
     def advance(self) -> None:
         """Counts a step that ran no kernel (no param had a grad), as the host scheduler's
@@ -164,9 +193,10 @@ class InKernelSchedule:
             return
         t = self.last_epoch + 1
         self._counter.fill_(t)
-        for group_phases, group, lr in zip(self.phases, self.optimizer.param_groups, self._lrs):
+        for i, (group_phases, group, lr) in enumerate(zip(self.phases, self.optimizer.param_groups, self._lrs)):
             if group["lr"] is lr:
                 lr.fill_(evaluate_phases(group_phases, t))
+                self._wrote(i)
 
     # -- the LRScheduler-like surface ----------------------------------------------------------
 
@@ -207,6 +237,7 @@ class InKernelSchedule:
                 lr = group["lr"] = torch.tensor(0.0, dtype=torch.float64, device=self.device)
             lr.fill_(evaluate_phases(group_phases, t))
             self._lrs[i] = lr
+            self._wrote(i)
 
     def __repr__(self) -> str:
         return (f"InKernelSchedule({type(self.scheduler).__name__}, mode='in-kernel': the lr is "

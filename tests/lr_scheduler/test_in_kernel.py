@@ -185,6 +185,41 @@ def test_an_lr_set_by_hand_is_refused_not_ignored(device):
     assert sched.last_epoch == 4
 
 
+@pytest.mark.parametrize("other", ["StepLR", "ReduceLROnPlateau", "inner"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_another_scheduler_writing_the_lr_tensor_is_refused_not_ignored(device, other):
+    """Every torch.optim.lr_scheduler writes a tensor lr in place (fill_): a second scheduler on
+    an in-kernel optimizer (or the handed-over scheduler stepped by mistake) would have its lr
+    silently overwritten by the kernel. A value other than the schedule's raises at the next step,
+    naming the group, before anything moves; the schedule's own value written in place is taken."""
+    a, _ = _pair("sgd", device)
+    inner = tls.ExponentialLR(a, gamma=0.9)
+    sched = in_kernel(inner)
+    second = {"StepLR": lambda: tls.StepLR(a, step_size=1, gamma=0.5),
+              "ReduceLROnPlateau": lambda: tls.ReduceLROnPlateau(a, factor=0.1, patience=0),
+              "inner": lambda: None}[other]()
+    for step in range(2):
+        _grads((a, a), step)
+        a.step()
+    a.param_groups[0]["lr"].fill_(float(a.param_groups[0]["lr"]))  # the schedule's value: taken
+    _grads((a, a), 2)
+    a.step()
+    assert sched.last_epoch == 3
+    if other == "StepLR":
+        second.step()
+    elif other == "ReduceLROnPlateau":
+        second.step(1.0)
+        second.step(1.0)  # no improvement: the lr is cut
+    else:
+        inner.step()
+    before = [p.detach().clone() for g in a.param_groups for p in g["params"]]
+    _grads((a, a), 3)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] was changed in place.*ExponentialLR.*step 3"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in a.param_groups for p in g["params"]]))
+    assert sched.last_epoch == 3
+
+
 @pytest.mark.parametrize("steps", [3, 12], ids=["lr-still-lr(0)", "decayed"])
 def test_resuming_the_optimizer_without_its_schedule_is_refused(steps):
     """An optimizer state_dict loaded into a run whose in-kernel schedule was not loaded: the
