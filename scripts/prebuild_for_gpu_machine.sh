@@ -8,6 +8,8 @@
 #
 # With a NAME, the build goes to .devbuild/NAME/ instead: a variant of the kernels (the working
 # tree as it is now, uncommitted edits included) that gpu_check.sh times against the others.
+# REV=<commit> builds that commit's tree instead of the working tree, for a variant of an earlier
+# state (REV=8f58de7: the CUDA step before the kernels compiled for one storage type).
 #
 # PYTHON (default python3.12) and TORCH (default 2.11.0) must match the GPU machine's (the H200
 # machines lent here had Python 3.12 and torch 2.11.0+cu130). The first run installs that torch
@@ -27,7 +29,11 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "$venv/bin/pip" install -q "torch==$torch_version" pybind11 ninja "setuptools<82" wheel numpy
 fi
 mkdir -p "$tree"
-git ls-files -z | xargs -0 cp --parents -t "$tree"   # the tracked tree, with uncommitted edits
+if [ -n "${REV:-}" ]; then
+  git archive "$REV" | tar -x -C "$tree"              # that commit's tree
+else
+  git ls-files -z | xargs -0 cp --parents -t "$tree"   # the tracked tree, with uncommitted edits
+fi
 (cd "$tree" && FUSEDOPT_CUDA=1 FUSEDOPT_CPU_ISA=avx2 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" \
   MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_ext --inplace >"$tree/build.log" 2>&1) \
   || { tail -30 "$tree/build.log"; exit 1; }
