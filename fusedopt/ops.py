@@ -85,13 +85,18 @@ else:
     SGD_COLUMNS = {}
 
 
-def hyper_table(rows: Sequence[dict[str, float]], columns: dict[str, int]) -> Tensor:
-    """The ops' float64 CPU table of per-group hyperparameters: one row per group."""
+def hyper_values(rows: Sequence[dict[str, float]], columns: dict[str, int]) -> list[list[float]]:
+    """The values of hyper_table, as Python floats."""
     table = [[0.0] * len(columns) for _ in rows]
     for r, row in enumerate(rows):
         for name, value in row.items():
             table[r][columns[name]] = float(value)
-    return torch.tensor(table, dtype=torch.float64)
+    return table
+
+
+def hyper_table(rows: Sequence[dict[str, float]], columns: dict[str, int]) -> Tensor:
+    """The ops' float64 CPU table of per-group hyperparameters: one row per group."""
+    return torch.tensor(hyper_values(rows, columns), dtype=torch.float64)
 
 
 def _check_lengths(fn: str, params: Sequence[Tensor], **lists: Sequence) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fusedopt import flat
 from fusedopt._extension import require
-from fusedopt.ops import RULES, _lr_entry, hyper_table, on_device
+from fusedopt.ops import RULES, _lr_entry, hyper_table, hyper_values, on_device
 
 _is_none = partial(operator.is_, None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -445,7 +445,15 @@ class FusedStepMixin:
             for row, (begin, count) in zip(rows, group_rows):
                 row["sched_begin"], row["sched_count"] = begin, count
             sched = {"schedule_state": state, "schedule": table}
-        return hyper_table(rows, self._columns), lr_tensors, sched
+        if torch.compiler.is_compiling():
+            return hyper_table(rows, self._columns), lr_tensors, sched
+        # the table of the step before when no value changed: making the tensor was a fifth of a
+        # one-param step's host time (the ops only read it)
+        values = hyper_values(rows, self._columns)
+        cached = getattr(self, "_hyper_cache", None)
+        if cached is None or cached[0] != values:
+            cached = self._hyper_cache = (values, torch.tensor(values, dtype=torch.float64))
+        return cached[1], lr_tensors, sched
 
     def __setstate__(self, state) -> None:
         # pickling and deepcopy keep only defaults, state and param_groups (torch's
