@@ -160,6 +160,15 @@ def test_captured_training_step_follows_the_schedule_across_replays():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def _assert_step_refused(opt, step, match):
+    """The next step (grads of `step`) raises ValueError matching `match`, before any param moves."""
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    _grads((opt, opt), step)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in opt.param_groups for p in g["params"]]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_lr_set_by_hand_is_refused_not_ignored(device):
     """The kernel computes every step's lr from the schedule, so an lr set by hand would be
@@ -177,11 +186,7 @@ def test_an_lr_set_by_hand_is_refused_not_ignored(device):
     a.step()
     assert sched.last_epoch == 4
     a.param_groups[1]["lr"] = 0.5
-    before = [p.detach().clone() for g in a.param_groups for p in g["params"]]
-    _grads((a, a), 4)
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] was set to 0\.5.*ExponentialLR.*step 4"):
-        a.step()
-    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in a.param_groups for p in g["params"]]))
+    _assert_step_refused(a, 4, r"param_groups\[1\]\['lr'\] was set to 0\.5.*ExponentialLR.*step 4")
     assert sched.last_epoch == 4
 
 
@@ -212,11 +217,7 @@ def test_another_scheduler_writing_the_lr_tensor_is_refused_not_ignored(device, 
         second.step(1.0)  # no improvement: the lr is cut
     else:
         inner.step()
-    before = [p.detach().clone() for g in a.param_groups for p in g["params"]]
-    _grads((a, a), 3)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] was changed in place.*ExponentialLR.*step 3"):
-        a.step()
-    assert all(torch.equal(p, q) for p, q in zip(before, [p for g in a.param_groups for p in g["params"]]))
+    _assert_step_refused(a, 3, r"param_groups\[0\]\['lr'\] was changed in place.*ExponentialLR.*step 3")
     assert sched.last_epoch == 3
 
 

@@ -1150,6 +1150,20 @@ def test_a_refused_param_group_is_not_added(name):
     assert "master_remainder" in opt.state[q]
 
 
+MASTER_OPTS = {"master": dict(master_weights=True), "remainders": dict(master_weights=True, master_remainders=True)}
+
+
+def _bf16_master_run(cls, kw, mode, *, numel, steps, seed):
+    """(param, optimizer, generator) after `steps` steps of a bfloat16 param in master `mode`."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(numel, generator=g).to(torch.bfloat16))
+    opt = cls([p], **kw, **MASTER_OPTS[mode])
+    for _ in range(steps):
+        p.grad = torch.randn(numel, generator=g).to(torch.bfloat16)
+        opt.step()
+    return p, opt, g
+
+
 @pytest.mark.parametrize("saved,loaded", [("master", "remainders"), ("remainders", "master")])
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_checkpoint_loads_across_master_modes_exactly(name, saved, loaded):
@@ -1161,20 +1175,14 @@ def test_checkpoint_loads_across_master_modes_exactly(name, saved, loaded):
 
     import fusedopt
 
-    opts = {"master": dict(master_weights=True), "remainders": dict(master_weights=True, master_remainders=True)}
     cls = getattr(fusedopt, name)
     kw = dict(lr=1e-2, weight_decay=0.01) if name == "AdamW" else dict(lr=1e-2, momentum=0.9)
-    g = torch.Generator().manual_seed(3)
-    p = torch.nn.Parameter(torch.randn(257, generator=g).to(torch.bfloat16))
-    a = cls([p], **kw, **opts[saved])
-    for _ in range(3):
-        p.grad = torch.randn(257, generator=g).to(torch.bfloat16)
-        a.step()
+    p, a, g = _bf16_master_run(cls, kw, saved, numel=257, steps=3, seed=3)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     q = torch.nn.Parameter(p.detach().clone())
-    b = cls([q], **kw, **opts[loaded])
+    b = cls([q], **kw, **MASTER_OPTS[loaded])
     b.load_state_dict(torch.load(buf, weights_only=True))
     for _ in range(3):
         grad = torch.randn(257, generator=g).to(torch.bfloat16)
@@ -1203,14 +1211,8 @@ def test_a_run_resumed_without_masters_does_not_resume_from_their_stale_ones(nam
     params, not roll them back to the first run's masters (nor refuse a master torch cast)."""
     import fusedopt
 
-    opts = {"master": dict(master_weights=True), "remainders": dict(master_weights=True, master_remainders=True)}
     cls = getattr(fusedopt, name)
-    g = torch.Generator().manual_seed(5)
-    p = torch.nn.Parameter(torch.randn(64, generator=g).to(torch.bfloat16))
-    first = cls([p], **kw, **opts[saved])
-    for _ in range(2):
-        p.grad = torch.randn(64, generator=g).to(torch.bfloat16)
-        first.step()
+    p, first, g = _bf16_master_run(cls, kw, saved, numel=64, steps=2, seed=5)
     q = torch.nn.Parameter(p.detach().clone())
     mid = (cls if middle == "fusedopt" else getattr(torch.optim, name))([q], **kw)
     mid.load_state_dict(first.state_dict())
@@ -1225,7 +1227,7 @@ def test_a_run_resumed_without_masters_does_not_resume_from_their_stale_ones(nam
     runs = []
     for sd in (saved_mid, without_masters):
         r = torch.nn.Parameter(q.detach().clone())
-        last = cls([r], **kw, **opts[saved])
+        last = cls([r], **kw, **MASTER_OPTS[saved])
         last.load_state_dict(copy.deepcopy(sd))  # (loading shares state tensors with the dict)
         r.grad = torch.zeros_like(r)
         last.step()
